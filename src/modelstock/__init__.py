@@ -1,0 +1,23 @@
+"""Model Stock (Jang, Yun, Han, ECCV 2024): merge a few fine-tuned models with their pretrained
+anchor, layer by layer, with a ratio derived from the angle between their task vectors."""
+
+__version__ = "0.1.0"
+
+from .api import merge_checkpoints, merge_state_dicts  # noqa: E402
+from .checkpoint import open_checkpoint  # noqa: E402
+from .engine import MergeOptions  # noqa: E402
+from .errors import ModelStockError  # noqa: E402
+from .report import LayerReport, MergeReport  # noqa: E402
+from .stock import model_stock, stock_ratio  # noqa: E402
+
+__all__ = [
+    "LayerReport",
+    "MergeOptions",
+    "MergeReport",
+    "ModelStockError",
+    "merge_checkpoints",
+    "merge_state_dicts",
+    "model_stock",
+    "open_checkpoint",
+    "stock_ratio",
+]

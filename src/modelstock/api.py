@@ -1,0 +1,120 @@
+"""The two entry points: merge checkpoints on disk into a model directory, or merge in memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import Reader, open_checkpoint
+from .engine import DictSink, MergeOptions, merge_readers
+from .output import (
+    REPORT_NAME,
+    SafetensorsSink,
+    atomic_output,
+    check_output_path,
+    copy_anchor_files,
+    model_card,
+)
+from .report import MergeReport
+
+Source = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+def _options(options: MergeOptions | None, kwargs: dict) -> MergeOptions:
+    if options is not None and kwargs:
+        raise TypeError("pass either a MergeOptions or keyword options, not both")
+    return options if options is not None else MergeOptions(**kwargs)
+
+
+def _open_all(anchor: Source, models: Sequence[Source], trust_pickle: bool,
+              strip_prefix: str | None) -> tuple[Reader, list[Reader]]:
+    opened: list[Reader] = []
+    try:
+        for src in [anchor, *models]:
+            opened.append(open_checkpoint(src, trust_pickle, strip_prefix))
+    except BaseException:
+        for r in opened:
+            r.close()
+        raise
+    return opened[0], opened[1:]
+
+
+def merge_state_dicts(anchor: Source, models: Sequence[Source],
+                      options: MergeOptions | None = None, *, trust_pickle: bool = False,
+                      strip_prefix: str | None = None, progress: bool = False,
+                      **kwargs) -> tuple[dict[str, torch.Tensor], MergeReport]:
+    """Merge in memory; returns the merged state dict and the per-layer report.
+
+    ``anchor`` and each of ``models`` may be a state dict, an ``nn.Module`` or a checkpoint path.
+    Keyword options are those of `MergeOptions` (method, granularity, clamp, alpha, ...).
+    """
+    opts = _options(options, kwargs)
+    a, ms = _open_all(anchor, models, trust_pickle, strip_prefix)
+    try:
+        sink, report = merge_readers(a, ms, opts, lambda plan: DictSink(plan.layers, opts.device),
+                                     progress)
+    finally:
+        for r in [a, *ms]:
+            r.close()
+    return sink.tensors, report
+
+
+def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.PathLike,
+                      options: MergeOptions | None = None, *,
+                      shard_size: int | None = DEFAULT_SHARD_BYTES, force: bool = False,
+                      trust_pickle: bool = False, strip_prefix: str | None = None,
+                      progress: bool = False, **kwargs) -> MergeReport:
+    """Merge checkpoints into ``out``: a directory that Hugging Face ``from_pretrained`` and
+    ``safetensors.torch.load_file`` read (or one ``.safetensors`` file if ``out`` ends so).
+
+    The directory gets the (sharded) weights, the anchor's config and tokenizer files, a model
+    card and ``modelstock_report.json``. It is built in a temporary sibling and renamed into
+    place when complete; an existing ``out`` is replaced only with ``force=True``.
+    """
+    opts = _options(options, kwargs)
+    out = Path(out)
+    check_output_path(out, [anchor, *models], force)
+    a, ms = _open_all(anchor, models, trust_pickle, strip_prefix)
+    names = [a.path, *(m.path for m in ms)]
+    recipe = {"method": opts.method, "granularity": opts.granularity, "clamp": opts.clamp,
+              "alpha": opts.alpha, "average": list(opts.average),
+              "keep_anchor": list(opts.keep_anchor),
+              "dtype": None if opts.dtype is None else str(opts.dtype).removeprefix("torch."),
+              "anchor": names[0], "models": names[1:], "modelstock_version": __version__}
+    metadata = {"format": "pt", "modelstock": json.dumps(recipe)}
+    start = time.perf_counter()
+    try:
+        with atomic_output(out, force) as tmp:
+            sink = None
+
+            def make_sink(plan):
+                nonlocal sink
+                sink = SafetensorsSink(tmp, plan.layers, shard_size, metadata)
+                return sink
+
+            try:
+                _, report = merge_readers(a, ms, opts, make_sink, progress)
+                sink.close()
+            except BaseException:
+                if sink is not None:
+                    sink.abort()
+                raise
+            report.output_bytes = sink.total_bytes
+            report.seconds = time.perf_counter() - start
+            if not sink.single_file:
+                if isinstance(anchor, str | os.PathLike) and Path(anchor).is_dir():
+                    copy_anchor_files(Path(anchor), tmp, opts.dtype)
+                (tmp / REPORT_NAME).write_text(report.to_json() + "\n")
+                (tmp / "README.md").write_text(model_card(names[0], names[1:], recipe,
+                                                          report.summary()))
+    finally:
+        for r in [a, *ms]:
+            r.close()
+    return report

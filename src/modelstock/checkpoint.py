@@ -1,0 +1,232 @@
+"""Open checkpoints in every common form behind one small interface.
+
+A reader exposes ``infos`` (name -> shape, dtype, in file order), ``read(name, start, stop)`` (a
+flat element range, zero-copy where the format allows), ``release`` (let go of pages already
+processed) and ``close``. Readers never load a whole checkpoint: safetensors are memory-mapped,
+``.pt/.bin`` files are loaded with ``mmap=True`` where their format allows it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .errors import ModelStockError
+from .safetensors_io import SafetensorsReader, TensorInfo
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Keys under which training frameworks nest the state dict (Lightning, DeepSpeed, timm, ...).
+WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+
+
+class Reader(Protocol):
+    path: str
+    infos: dict[str, TensorInfo]
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor: ...
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None: ...
+    def close(self) -> None: ...
+
+
+class StateDictReader:
+    """A reader over tensors already in memory (a state dict or an ``nn.Module``)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor] | torch.nn.Module,
+                 path: str = "<state dict>") -> None:
+        if isinstance(state, torch.nn.Module):
+            state = state.state_dict()
+        self.path = path
+        self._tensors: dict[str, torch.Tensor] = {}
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                self._tensors[str(name)] = value.detach()
+        self.infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        t = self._tensors[name]
+        flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
+        return flat[start:stop]
+
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TorchFileReader(StateDictReader):
+    """A ``.pt/.bin/.pth/.ckpt`` state dict, loaded with ``weights_only=True`` unless trusted."""
+
+    def __init__(self, path: str | os.PathLike, trust_pickle: bool = False) -> None:
+        path = str(path)
+        super().__init__(_state_dict_of(path, _load_pickle(path, trust_pickle)), path)
+        if not self.infos:
+            raise ModelStockError("no tensors found in this checkpoint", path)
+
+
+def _load_pickle(path: str, trust: bool):
+    if os.path.getsize(path) == 0:
+        raise ModelStockError("empty file", path)
+    try:
+        is_zip = zipfile.is_zipfile(path)
+        return torch.load(path, map_location="cpu", weights_only=not trust, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        if not trust and "weights_only" in str(e):
+            raise ModelStockError(
+                "refusing to unpickle: this file needs code execution, not just tensors "
+                f"({_first_line(e)}); pass --trust-pickle only if you trust its source", path,
+            ) from None
+        raise ModelStockError(f"corrupt pickle ({_first_line(e)})", path) from None
+    except MemoryError:
+        raise ModelStockError("corrupt checkpoint: it asks for more memory than exists",
+                              path) from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, ValueError, ... on bad files
+        raise ModelStockError(f"corrupt or truncated checkpoint ({_first_line(e)})",
+                              path) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def _state_dict_of(path: str, obj) -> dict[str, torch.Tensor]:
+    """Unwrap ``{"state_dict": ...}``-style nesting (or a pickled module) to a flat state dict."""
+    for _ in range(4):
+        if isinstance(obj, torch.nn.Module):
+            return obj.state_dict()
+        if not isinstance(obj, Mapping):
+            raise ModelStockError(f"expected a state dict, found {type(obj).__name__}", path)
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping | torch.nn.Module)), None)
+        if inner is None:
+            break
+        obj = inner
+    raise ModelStockError("no tensors found in this checkpoint", path)
+
+
+class ShardedReader:
+    """A Hugging Face sharded checkpoint described by an index JSON (``weight_map``)."""
+
+    def __init__(self, index_path: str | os.PathLike, trust_pickle: bool = False) -> None:
+        self.path = str(index_path)
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise ValueError("weight_map must map tensor names to file names")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelStockError(f"malformed index ({_first_line(e)})", self.path) from None
+        root = Path(self.path).resolve().parent
+        self._shards: dict[str, Reader] = {}
+        self._where: dict[str, Reader] = {}
+        for name, shard in weight_map.items():
+            if shard not in self._shards:
+                self._shards[shard] = _open_file(_inside(root, shard, self.path, name),
+                                                 trust_pickle)
+            reader = self._shards[shard]
+            if name not in reader.infos:
+                raise ModelStockError(f"the index places this tensor in {shard}, which lacks it",
+                                      self.path, name)
+            self._where[name] = reader
+        self.infos = {name: self._where[name].infos[name] for name in self._where}
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self._where[name].read(name, start, stop)
+
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        self._where[name].release(name, start, stop)
+
+    def close(self) -> None:
+        for r in self._shards.values():
+            r.close()
+
+
+def _inside(root: Path, shard: str, index: str, name: str) -> Path:
+    """Resolve a shard name from an index, refusing anything outside the model directory."""
+    if os.path.isabs(shard) or ".." in Path(shard).parts:
+        raise ModelStockError(f"refusing shard path {shard!r}: it points outside the model "
+                              "directory", index, name)
+    target = (root / shard).resolve()
+    if root not in target.parents:
+        raise ModelStockError(f"refusing shard path {shard!r}: it resolves outside the model "
+                              "directory", index, name)
+    if not target.is_file():
+        raise ModelStockError(f"missing shard {shard}", index, name)
+    return target
+
+
+class RenamedReader:
+    """Present a reader's tensors under new names (e.g. with a ``module.`` prefix stripped)."""
+
+    def __init__(self, inner: Reader, prefix: str) -> None:
+        self.path, self._inner = inner.path, inner
+        self._orig: dict[str, str] = {}
+        for name in inner.infos:
+            new = name[len(prefix):] if name.startswith(prefix) else name
+            if new in self._orig:
+                raise ModelStockError(f"stripping {prefix!r} makes two tensors '{new}'",
+                                      inner.path, name)
+            self._orig[new] = name
+        self.infos = {new: inner.infos[old] for new, old in self._orig.items()}
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self._inner.read(self._orig[name], start, stop)
+
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        self._inner.release(self._orig[name], start, stop)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def _open_file(path: Path, trust_pickle: bool) -> Reader:
+    if path.name.endswith(".index.json"):
+        return ShardedReader(path, trust_pickle)
+    with open(path, "rb") as f:
+        magic = f.read(9)
+    if path.suffix == ".safetensors" or (len(magic) == 9 and magic[8:9] == b"{"):
+        return SafetensorsReader(path)
+    return TorchFileReader(path, trust_pickle)
+
+
+def find_weights(directory: Path) -> Path:
+    """The weights file (or index) of a model directory, in Hugging Face's order of preference."""
+    for name in (SAFETENSORS_INDEX, "model.safetensors", PICKLE_INDEX, "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return directory / name
+    for suffixes in ((".safetensors",), PICKLE_SUFFIXES):
+        found = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in suffixes)
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ModelStockError("several weight files and no index; name the file to use",
+                                  directory)
+    raise ModelStockError("no weights found (no *.safetensors, *.bin, *.pt or index)", directory)
+
+
+def open_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module,
+                    trust_pickle: bool = False, strip_prefix: str | None = None) -> Reader:
+    """Open a model directory, a weights file, an index JSON, a state dict or a module."""
+    if isinstance(source, Mapping | torch.nn.Module):
+        reader: Reader = StateDictReader(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ModelStockError("no such file or directory", path)
+        reader = _open_file(find_weights(path) if path.is_dir() else path, trust_pickle)
+    if strip_prefix:
+        reader = RenamedReader(reader, strip_prefix)
+    return reader

@@ -1,0 +1,174 @@
+"""The ``modelstock`` command line."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+
+import click
+import torch
+
+from . import __version__
+from .api import DEFAULT_SHARD_BYTES, merge_checkpoints
+from .engine import DEFAULT_CHUNK_NUMEL, GRANULARITIES, METHODS, MergeOptions
+from .errors import ModelStockError
+
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"512MiB"`` -> 536_870_912, ``"1000"`` -> 1000."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (try 5GB, 500MB, 2GiB)")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return value
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def _dtype(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return DTYPE_NAMES[value.lower()]
+    except KeyError:
+        raise click.BadParameter(f"{value!r}; choose from {', '.join(DTYPE_NAMES)}") from None
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM/SIGHUP handler so that cleanup code runs as for Ctrl-C."""
+
+
+def _on_signal(signum, frame):
+    raise _Terminated(signum)
+
+
+def run_guarded(fn, *args, **kwargs):
+    """Run ``fn``; turn user errors into one line on stderr and an exit status, no traceback."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    try:
+        return fn(*args, **kwargs)
+    except ModelStockError as e:
+        click.echo(f"modelstock: error: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"modelstock: error: {where}{e.strerror or e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("modelstock: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except _Terminated as e:
+        click.echo("modelstock: terminated; nothing was written", err=True)
+        sys.exit(128 + e.args[0])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="modelstock")
+def main() -> None:
+    """Merge fine-tuned models with Model Stock (Jang, Yun, Han, ECCV 2024).
+
+    Fine-tune a pretrained model two (or more) times with different seeds, then merge the
+    fine-tunes with the pretrained weights: every layer moves from the pretrained weights
+    towards the fine-tunes' average by a ratio t = 2cos/(1+cos), where cos is the cosine of the
+    angle between the two task vectors (fine-tuned minus pretrained). Run
+    `modelstock merge --help` to start.
+    """
+
+
+@main.command()
+@click.argument("anchor", type=click.Path(exists=False, dir_okay=True))
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="Output directory (Hugging Face layout), or a path ending in .safetensors "
+                   "for one file.")
+@click.option("--method", type=click.Choice(METHODS), default="model-stock", show_default=True,
+              help="model-stock: the paper's rule. uniform: plain mean of the MODELs (a uniform "
+                   "soup). wise-ft: ANCHOR + alpha (mean(MODELs) - ANCHOR).")
+@click.option("--alpha", type=float, default=None,
+              help="Interpolation weight for --method wise-ft (0 = anchor, 1 = fine-tunes).")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default="tensor",
+              show_default=True,
+              help="One ratio per tensor (the paper), per output row (like mergekit's "
+                   "filter_wise), or one for the whole model (an ablation).")
+@click.option("--no-clamp", is_flag=True,
+              help="Keep the raw t = N cos/(1+(N-1)cos) when cos <= 0 instead of clamping t to "
+                   "[0, 1] (parity with other implementations; the pole still gives t = 0).")
+@click.option("--average", "average", multiple=True, metavar="GLOB",
+              help="Average (not Model-Stock) tensors whose name matches GLOB. Repeatable.")
+@click.option("--keep-anchor", "keep_anchor", multiple=True, metavar="GLOB",
+              help="Keep the anchor's value for tensors matching GLOB. Repeatable.")
+@click.option("--dtype", callback=_dtype, default=None,
+              help="Output dtype for floating tensors (default: the anchor's), e.g. bfloat16.")
+@click.option("--shard-size", type=SizeType(), default=str(DEFAULT_SHARD_BYTES),
+              show_default="5GB", help="Largest output shard.")
+@click.option("--chunk-size", type=int, default=DEFAULT_CHUNK_NUMEL, show_default=True,
+              help="Elements per chunk: tensors larger than this are streamed in chunks, which "
+                   "bounds memory at about (N+3) x 4 bytes x this.")
+@click.option("--strip-prefix", default=None, metavar="PREFIX",
+              help="Strip PREFIX (e.g. 'module.') from tensor names in every input.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow .pt/.bin files whose pickle runs code. Only for files you trust.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Merge inputs holding NaN/Inf: they are left out of the angle statistics and "
+                   "pass through to the output elementwise.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where to run the arithmetic (e.g. cuda). Inputs stream from disk either way.")
+@click.option("-f", "--force", is_flag=True,
+              help="Replace an existing output (only once the new one is complete).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+def merge(anchor, models, out, method, alpha, granularity, no_clamp, average, keep_anchor,
+          dtype, shard_size, chunk_size, strip_prefix, trust_pickle, allow_nonfinite, device,
+          force, quiet):
+    """Merge fine-tuned MODELs with their pretrained ANCHOR into OUT.
+
+    ANCHOR is the pretrained model the fine-tunes started from (with the head they started
+    from); each MODEL is a fine-tune of it (N >= 2 for model-stock). Each may be a Hugging Face
+    model directory (safetensors, sharded or not, or pytorch_model.bin), a .safetensors file,
+    an index .json, or a .pt/.bin/.ckpt state dict (also nested as {"state_dict": ...}).
+
+    \b
+    Examples:
+      modelstock merge ./base ./ft-seed0 ./ft-seed1 -o ./merged
+      modelstock merge base.pt ft0.pt ft1.pt ft2.pt -o merged.safetensors --strip-prefix module.
+      modelstock merge ./base ./ft0 ./ft1 -o ./wise --method wise-ft --alpha 0.5
+    """
+
+    def job():
+        opts = MergeOptions(method=method, granularity=granularity, clamp=not no_clamp,
+                            alpha=alpha, average=average, keep_anchor=keep_anchor, dtype=dtype,
+                            chunk_numel=chunk_size, allow_nonfinite=allow_nonfinite,
+                            device=device)
+        report = merge_checkpoints(anchor, models, out, opts, shard_size=shard_size,
+                                   force=force, trust_pickle=trust_pickle,
+                                   strip_prefix=strip_prefix, progress=not quiet)
+        if not quiet:
+            click.echo(report.summary() + f"\nwritten      {out}", err=True)
+
+    run_guarded(job)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""The merge engine: decide a rule per tensor, stream chunks through the math, hand results on.
+
+One engine serves every front end: readers in (files or in-memory state dicts), a sink out (a
+streaming safetensors writer or a dict of tensors). Peak memory is bounded by ``chunk_numel``:
+a tensor that fits is read once (Gram and output from the same task vectors); a larger one is
+read twice, chunk by chunk (a Gram pass, then an output pass).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from . import stock
+from .checkpoint import Reader
+from .errors import ModelStockError
+from .report import LayerReport, MergeReport
+
+METHODS = ("model-stock", "uniform", "wise-ft")
+GRANULARITIES = ("tensor", "row", "model")
+BATCHNORM_STATS = ("running_mean", "running_var")
+DEFAULT_CHUNK_NUMEL = 1 << 24  # 64 MiB of float32 per input per chunk
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to merge. ``method``: ``model-stock`` (the paper), ``uniform`` (a uniform soup: plain
+    mean of the fine-tunes) or ``wise-ft`` (``w0 + alpha (mean(w_i) - w0)``). ``average`` and
+    ``keep_anchor`` are glob patterns over tensor names that force those rules."""
+
+    method: str = "model-stock"
+    granularity: str = "tensor"
+    clamp: bool = True
+    alpha: float | None = None
+    average: tuple[str, ...] = ()
+    keep_anchor: tuple[str, ...] = ()
+    dtype: torch.dtype | None = None
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL
+    allow_nonfinite: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ModelStockError(f"unknown method {self.method!r}; choose from {METHODS}")
+        if self.granularity not in GRANULARITIES:
+            raise ModelStockError(f"unknown granularity {self.granularity!r}; "
+                                  f"choose from {GRANULARITIES}")
+        if (self.method == "wise-ft") != (self.alpha is not None):
+            raise ModelStockError("alpha is required by, and only used by, method wise-ft")
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise ModelStockError(f"alpha must be a finite number, got {self.alpha}")
+        if self.chunk_numel < 1:
+            raise ModelStockError("chunk_numel must be positive")
+        if self.dtype is not None and not self.dtype.is_floating_point:
+            raise ModelStockError(f"--dtype must be a floating dtype, got {self.dtype}")
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    rule: str
+    anchored: bool = False  # merged towards the anchor by the method's ratio t
+    note: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class MergePlan:
+    layers: list[LayerPlan]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> str | None:
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
+def plan_merge(anchor: Reader, models: Sequence[Reader], opts: MergeOptions) -> MergePlan:
+    """Check that the checkpoints fit together and choose a rule for every tensor."""
+    minimum = 2 if opts.method == "model-stock" else 1
+    if len(models) < minimum:
+        raise ModelStockError(f"{opts.method} needs at least {minimum} fine-tuned models, "
+                              f"got {len(models)}")
+    for m in models:
+        missing = [k for k in anchor.infos if k not in m.infos]
+        if missing:
+            few = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise ModelStockError(f"missing {len(missing)} tensor(s) that the anchor "
+                                  f"{anchor.path} has: {few}", m.path)
+    names = list(anchor.infos)
+    extra = [k for k in models[0].infos if k not in anchor.infos]
+    names += extra
+    for m in models[1:]:
+        for k in m.infos:
+            if k not in anchor.infos and k not in models[0].infos:
+                raise ModelStockError(f"tensor is not in the anchor nor in {models[0].path}",
+                                      m.path, k)
+        for k in extra:
+            if k not in m.infos:
+                raise ModelStockError(f"tensor is in {models[0].path} but not here (and not "
+                                      "in the anchor)", m.path, k)
+    plan = MergePlan([])
+    if extra:
+        few = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
+        plan.warnings.append(f"{len(extra)} tensor(s) are not in the anchor and were averaged "
+                             f"(no anchor to merge towards): {few}")
+    for name in names:
+        plan.layers.append(_plan_layer(name, anchor, models, opts))
+    return plan
+
+
+def _plan_layer(name: str, anchor: Reader, models: Sequence[Reader],
+                opts: MergeOptions) -> LayerPlan:
+    ref = anchor.infos.get(name) or models[0].infos[name]
+    for m in models:
+        info = m.infos[name]
+        if info.shape != ref.shape:
+            raise ModelStockError(f"shape {list(info.shape)} does not match "
+                                  f"{list(ref.shape)} in {anchor.path}", m.path, name)
+        if info.dtype.is_floating_point != ref.dtype.is_floating_point:
+            raise ModelStockError(f"dtype {info.dtype} does not match {ref.dtype} "
+                                  f"in {anchor.path}", m.path, name)
+    floating = ref.dtype.is_floating_point
+    out_dtype = opts.dtype if (opts.dtype is not None and floating) else ref.dtype
+    in_anchor = name in anchor.infos
+    plan = LayerPlan(name, ref.shape, out_dtype, "")
+    keep, avg = _matches(name, opts.keep_anchor), _matches(name, opts.average)
+    if keep and avg:
+        raise ModelStockError(f"matches both --keep-anchor {keep!r} and --average {avg!r}",
+                              tensor=name)
+    if keep:
+        if not in_anchor:
+            raise ModelStockError(f"--keep-anchor {keep!r} matches a tensor the anchor lacks",
+                                  anchor.path, name)
+        plan.rule, plan.note = "anchor", f"--keep-anchor {keep}"
+    elif not floating:
+        plan.rule, plan.note = "copy", f"{ref.dtype} tensor"
+    elif avg:
+        plan.rule, plan.note = "average", f"--average {avg}"
+    elif not in_anchor:
+        plan.rule, plan.note = "average", "not in the anchor"
+    elif name.rsplit(".", 1)[-1] in BATCHNORM_STATS:
+        plan.rule, plan.note = "average", "BatchNorm running statistic"
+    else:
+        plan.rule = {"model-stock": "model_stock", "uniform": "average",
+                     "wise-ft": "wise_ft"}[opts.method]
+        plan.anchored = True
+    return plan
+
+
+def chunk_ranges(numel: int, chunk_numel: int, row_numel: int | None = None
+                 ) -> list[tuple[int, int]]:
+    """Element ranges covering ``numel``; with rows, each range holds whole rows (at least one)."""
+    step = chunk_numel if row_numel is None else max(1, chunk_numel // row_numel) * row_numel
+    return [(s, min(numel, s + step)) for s in range(0, numel, step)] or [(0, 0)]
+
+
+class DictSink:
+    """Collect the merged tensors in memory."""
+
+    def __init__(self, layers: Sequence[LayerPlan], device: str | torch.device = "cpu") -> None:
+        self.tensors = {p.name: torch.empty(p.shape, dtype=p.out_dtype, device=device)
+                        for p in layers}
+        self._pos = dict.fromkeys(self.tensors, 0)
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        flat, pos = self.tensors[name].view(-1), self._pos[name]
+        flat[pos : pos + chunk.numel()].copy_(chunk)
+        self._pos[name] = pos + chunk.numel()
+
+
+class Merger:
+    """Runs a `MergePlan`: reads chunks, applies each layer's rule, writes to ``sink``."""
+
+    def __init__(self, anchor: Reader, models: Sequence[Reader], opts: MergeOptions,
+                 sink, progress: Callable[[int], object] | None = None) -> None:
+        self.anchor, self.models, self.opts, self.sink = anchor, list(models), opts, sink
+        self.progress = progress or (lambda n: None)
+        self.n = len(self.models)
+
+    # -- reading -----------------------------------------------------------------------------
+    def _read(self, reader: Reader, name: str, s: int, e: int) -> torch.Tensor:
+        return reader.read(name, s, e).to(self.opts.device)
+
+    def _release(self, name: str, s: int = 0, e: int | None = None) -> None:
+        for r in [self.anchor, *self.models]:
+            if name in r.infos:
+                r.release(name, s, e)
+
+    def _compute_dtype(self, name: str) -> torch.dtype:
+        return stock.compute_dtype_for(*(r.infos[name].dtype for r in [self.anchor, *self.models]
+                                         if name in r.infos))
+
+    def _deltas(self, p: LayerPlan, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dt = self._compute_dtype(p.name)
+        w0 = self._read(self.anchor, p.name, s, e).to(dt)
+        d = stock.task_vectors(w0, [self._read(m, p.name, s, e) for m in self.models], dt)
+        return w0, d
+
+    def _row_numel(self, p: LayerPlan) -> int | None:
+        if self.opts.granularity != "row" or self.opts.method != "model-stock":
+            return None
+        if len(p.shape) < 2 or p.numel == 0:
+            return None
+        return p.numel // p.shape[0]
+
+    # -- checks ------------------------------------------------------------------------------
+    def _nonfinite(self, p: LayerPlan, readers: Sequence[Reader]) -> ModelStockError:
+        for r in readers:
+            for s, e in chunk_ranges(p.numel, self.opts.chunk_numel):
+                if not torch.isfinite(r.read(p.name, s, e)).all():
+                    return ModelStockError("contains NaN or Inf (pass --allow-nonfinite to "
+                                           "merge anyway)", r.path, p.name)
+        return ModelStockError("merged values overflow", tensor=p.name)
+
+    def _check_output(self, p: LayerPlan, out: torch.Tensor, readers: Sequence[Reader],
+                      t: float | None = None) -> None:
+        if self.opts.allow_nonfinite or torch.isfinite(out).all():
+            return
+        err = self._nonfinite(p, readers)
+        if err.path is None:
+            err = ModelStockError(f"merged values overflow {p.out_dtype}"
+                                  + ("" if t is None else f" (t={t:.4g})"), tensor=p.name)
+        raise err
+
+    def _output_may_overflow(self, p: LayerPlan, t_lo: float, t_hi: float) -> bool:
+        """Whether a finite merge can still leave the output dtype's range (extrapolation, or a
+        narrower output dtype than an input's)."""
+        if t_lo < 0 or t_hi > 1:
+            return True
+        widest = max(torch.finfo(r.infos[p.name].dtype).max for r in [self.anchor, *self.models]
+                     if p.name in r.infos and r.infos[p.name].dtype.is_floating_point)
+        return torch.finfo(p.out_dtype).max < widest
+
+    # -- anchored layers (model_stock, wise_ft, average of a uniform soup) ----------------------
+    def layer_gram(self, p: LayerPlan, keep: bool = True, count: bool = False):
+        """Gram matrix of the task vectors ([N,N], or [R,N,N] per row); the task vectors too when
+        the tensor fits in one chunk and ``keep`` (so the output pass need not re-read them)."""
+        row = self._row_numel(p)
+        ranges = chunk_ranges(p.numel, self.opts.chunk_numel, row)
+        grams, cached = [], None
+        for s, e in ranges:
+            w0, d = self._deltas(p, s, e)
+            if self.opts.allow_nonfinite:
+                d_stats = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
+            else:
+                d_stats = d
+            grams.append(stock.gram(d_stats, row))
+            if count:
+                self.progress(e - s)
+            if keep and len(ranges) == 1:
+                cached = (w0, d)
+            elif len(ranges) > 1:
+                self._release(p.name, s, e)
+        g = torch.cat(grams) if row else sum(grams[1:], grams[0])
+        if not torch.isfinite(g).all():
+            raise self._nonfinite(p, [self.anchor, *self.models])
+        return g, cached
+
+    def ratio(self, p: LayerPlan, g: torch.Tensor) -> tuple[torch.Tensor, LayerReport]:
+        """The ratio ``t`` for a layer (scalar or per row) and its report entry."""
+        g_tensor = g.sum(0) if g.ndim == 3 else g
+        rep = self.describe(p, g_tensor)
+        if self.opts.method == "model-stock":
+            cos = stock.mean_pairwise_cos(g)
+            t = stock.stock_ratio(cos, self.n, self.opts.clamp)
+            if not self.opts.clamp and bool(stock.is_singular(cos, self.n).any()):
+                rep.note = "cos at the formula's pole 1+(N-1)cos=0: t set to 0 (anchor)"
+        else:
+            t = torch.tensor(1.0 if self.opts.method == "uniform" else self.opts.alpha,
+                             dtype=torch.float64)
+        self.set_t(rep, t)
+        return t, rep
+
+    @staticmethod
+    def set_t(rep: LayerReport, t: torch.Tensor) -> None:
+        rep.t = float(t.mean())
+        if t.ndim:
+            rep.t_min, rep.t_max = float(t.min()), float(t.max())
+
+    def describe(self, p: LayerPlan, g: torch.Tensor) -> LayerReport:
+        """Report entry with the tensor-level geometry: norms, pairwise and mean cosine, angle."""
+        rep = LayerReport(p.name, list(p.shape), p.rule, str(p.out_dtype).removeprefix("torch."))
+        norms = torch.sqrt(torch.diagonal(g).clamp_min(0))
+        rep.norms = [float(x) for x in norms]
+        if self.n >= 2:
+            pc = stock.pair_values(stock.pairwise_cos(g))
+            rep.pair_cos = [float(x) for x in pc]
+            rep.cos = float(pc.mean())
+            rep.angle_deg = math.degrees(math.acos(max(-1.0, min(1.0, rep.cos))))
+        if not bool((norms > 0).any()):
+            rep.note = "every task vector is zero: output equals the anchor"
+        elif not bool((norms > 0).all()):
+            zero = [i for i, x in enumerate(rep.norms) if x == 0]
+            rep.note = f"task vector of model(s) {zero} is zero (pair cos = 0)"
+        return rep
+
+    def write_anchored(self, p: LayerPlan, t: torch.Tensor, cached=None) -> None:
+        row = self._row_numel(p)
+        ranges = chunk_ranges(p.numel, self.opts.chunk_numel, row)
+        check = self._output_may_overflow(p, float(t.min()), float(t.max()))
+        for s, e in ranges:
+            w0, d = cached if cached is not None else self._deltas(p, s, e)
+            t_chunk = t[s // row : e // row] if (row and t.ndim) else t
+            out = stock.apply_ratio(w0, d, t_chunk, p.out_dtype, row)
+            if check:
+                self._check_output(p, out, [self.anchor, *self.models], float(t.mean()))
+            self.sink.write(p.name, out)
+            self.progress(e - s)
+            if len(ranges) > 1:
+                self._release(p.name, s, e)
+        self._release(p.name)
+
+    # -- other rules -------------------------------------------------------------------------
+    def write_simple(self, p: LayerPlan) -> LayerReport:
+        rep = LayerReport(p.name, list(p.shape), p.rule, str(p.out_dtype).removeprefix("torch."),
+                          note=p.note)
+        readers = [self.anchor] if p.rule == "anchor" else self.models
+        dt = self._compute_dtype(p.name)
+        differs = False
+        for s, e in chunk_ranges(p.numel, self.opts.chunk_numel):
+            chunks = [self._read(r, p.name, s, e) for r in readers]
+            if p.rule == "copy":
+                out = chunks[0]
+                differs = differs or any(not torch.equal(out, c) for c in chunks[1:])
+            elif p.rule == "anchor":
+                out = chunks[0].to(p.out_dtype)
+            else:
+                out = stock.average(chunks, p.out_dtype, dt)
+            if p.out_dtype.is_floating_point:
+                self._check_output(p, out, readers)
+            self.sink.write(p.name, out)
+            self.progress(e - s)
+        if differs:
+            rep.note = (f"{p.note}; values differ across fine-tunes, kept the first "
+                        f"({self.models[0].path})")
+        self._release(p.name)
+        return rep
+
+    # -- the whole model ---------------------------------------------------------------------
+    def run(self, plan: MergePlan) -> list[LayerReport]:
+        if self.opts.granularity == "model" and self.opts.method == "model-stock":
+            return self._run_model_granularity(plan)
+        reports: list[LayerReport] = []
+        for p in plan.layers:
+            if p.anchored:
+                g, cached = self.layer_gram(p)
+                t, rep = self.ratio(p, g)
+                self.write_anchored(p, t, cached)
+                reports.append(rep)
+            else:
+                reports.append(self.write_simple(p))
+        return reports
+
+    def _run_model_granularity(self, plan: MergePlan) -> list[LayerReport]:
+        grams = {p.name: self.layer_gram(p, keep=False, count=True)[0]
+                 for p in plan.layers if p.anchored}
+        total = sum(grams.values(), torch.zeros(self.n, self.n, dtype=torch.float64))
+        self.global_cos = float(stock.mean_pairwise_cos(total))
+        t = stock.stock_ratio(self.global_cos, self.n, self.opts.clamp)
+        self.global_t = float(t)
+        reports = []
+        for p in plan.layers:
+            if p.anchored:
+                rep = self.describe(p, grams[p.name])
+                self.set_t(rep, t)
+                self.write_anchored(p, t)
+                reports.append(rep)
+            else:
+                reports.append(self.write_simple(p))
+        return reports
+
+
+def merge_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions,
+                  make_sink: Callable[[MergePlan], object],
+                  progress: bool = False) -> tuple[object, MergeReport]:
+    """Plan and run a merge; ``make_sink(plan)`` builds the destination once the plan is known.
+    ``progress`` shows a bar on stderr, counted in parameters processed."""
+    plan = plan_merge(anchor, models, opts)
+    sink = make_sink(plan)
+    total = sum(p.numel for p in plan.layers)
+    if opts.granularity == "model" and opts.method == "model-stock":
+        total += sum(p.numel for p in plan.layers if p.anchored)
+    with tqdm(total=total, disable=not progress, unit="param", unit_scale=True,
+              file=sys.stderr, desc="merging", dynamic_ncols=True) as bar:
+        merger = Merger(anchor, models, opts, sink, bar.update)
+        layers = merger.run(plan)
+    report = MergeReport(method=opts.method, n_models=len(models), granularity=opts.granularity,
+                         clamp=opts.clamp, layers=layers, alpha=opts.alpha,
+                         anchor=anchor.path, models=[m.path for m in models],
+                         warnings=list(plan.warnings))
+    report.model_cos = getattr(merger, "global_cos", None)
+    report.model_t = getattr(merger, "global_t", None)
+    return sink, report

@@ -1,0 +1,241 @@
+"""Writing a merged model: sharded safetensors streamed to a temporary sibling, renamed into place.
+
+Nothing half-written is ever left where a complete model is expected: the output is assembled in
+``.NAME.modelstock-tmp-PID-XXXX`` next to it, and only a complete one is renamed over ``NAME``
+(atomically exchanged with an old one under ``force``, where the kernel allows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .engine import LayerPlan
+from .errors import ModelStockError
+from .safetensors_io import SafetensorsWriter
+
+INDEX_NAME = "model.safetensors.index.json"
+REPORT_NAME = "modelstock_report.json"
+# Files copied from an anchor directory: configs, tokenizers, chat templates, custom code.
+AUX_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py", ".vocab")
+NOT_COPIED = {INDEX_NAME, "pytorch_model.bin.index.json", REPORT_NAME, "README.md"}
+TMP_TAG = ".modelstock-tmp-"
+
+
+def plan_shards(layers: Sequence[LayerPlan], max_bytes: int) -> list[list[LayerPlan]]:
+    """Group tensors, in order, into shards of at most ``max_bytes`` (a larger tensor alone)."""
+    shards: list[list[LayerPlan]] = [[]]
+    size = 0
+    for p in layers:
+        nbytes = p.numel * p.out_dtype.itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += nbytes
+    return shards
+
+
+class SafetensorsSink:
+    """Stream merged tensors into one or more safetensors files (one open file at a time)."""
+
+    def __init__(self, target: Path, layers: Sequence[LayerPlan], max_shard_bytes: int | None,
+                 metadata: dict[str, str]) -> None:
+        """``target`` is a directory (sharded HF layout) or a ``.safetensors`` file path."""
+        self.single_file = target.suffix == ".safetensors"
+        groups = [list(layers)] if (self.single_file or not max_shard_bytes) else \
+            plan_shards(layers, max_shard_bytes)
+        if self.single_file:
+            names = [target.name]
+            self.directory = target.parent
+        elif len(groups) == 1:
+            names, self.directory = ["model.safetensors"], target
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+                     for i in range(len(groups))]
+            self.directory = target
+        self.files = [self.directory / n for n in names]
+        self._groups, self._metadata = groups, metadata
+        self._shard_of = {p.name: i for i, g in enumerate(groups) for p in g}
+        self._current: tuple[int, SafetensorsWriter] | None = None
+        self.total_bytes = sum(p.numel * p.out_dtype.itemsize for p in layers)
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        i = self._shard_of[name]
+        if self._current is None or self._current[0] != i:
+            if self._current is not None:
+                self._current[1].close()
+            entries = [(p.name, p.out_dtype, p.shape) for p in self._groups[i]]
+            self._current = (i, SafetensorsWriter(self.files[i], entries, self._metadata))
+        self._current[1].write(name, chunk)
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current[1].close()
+        for i, f in enumerate(self.files):  # shards holding only empty tensors
+            if not f.exists():
+                entries = [(p.name, p.out_dtype, p.shape) for p in self._groups[i]]
+                SafetensorsWriter(f, entries, self._metadata).close()
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {p.name: self.files[self._shard_of[p.name]].name
+                                    for g in self._groups for p in g}}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current[1].abort()
+
+
+def check_output_path(out: Path, inputs: Sequence[object], force: bool) -> None:
+    """Refuse to clobber an existing output without ``force``, or ever to replace an input."""
+    resolved = out.resolve()
+    for src in inputs:
+        if isinstance(src, str | os.PathLike):
+            p = Path(src).resolve()
+            if p == resolved or resolved in p.parents:
+                raise ModelStockError("the output would replace an input; choose another -o",
+                                      out)
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise ModelStockError("already exists; pass --force to replace it", out)
+        if out.is_dir() != (out.suffix != ".safetensors"):
+            raise ModelStockError("exists and is not the same kind (file/directory) as the "
+                                  "output; remove it first", out)
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Delete temporaries of earlier runs on ``out`` whose process is gone (e.g. SIGKILLed)."""
+    prefix = f".{out.name}{TMP_TAG}"
+    with contextlib.suppress(OSError):
+        for p in out.parent.iterdir():
+            if not p.name.startswith(prefix):
+                continue
+            pid = p.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                _remove(p)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.ENOTSUP):
+        return False
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(b))
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to build in; put it in place only if the block
+    completes. On any exception (or signal turned into one) the temporary is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+    tmp = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+    is_dir = out.suffix != ".safetensors"
+    if is_dir:
+        tmp.mkdir()
+    try:
+        yield tmp
+        if not (out.exists() or out.is_symlink()):
+            os.rename(tmp, out)
+        elif _exchange(tmp, out):
+            _remove(tmp)  # now holds the old output
+        else:
+            old = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-old"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            _remove(old)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def copy_anchor_files(anchor_dir: Path, out_dir: Path, dtype: torch.dtype | None) -> list[str]:
+    """Copy config, tokenizer and generation files; update the config's dtype under --dtype."""
+    copied = []
+    for f in sorted(anchor_dir.iterdir()):
+        if f.is_file() and f.suffix in AUX_SUFFIXES and f.name not in NOT_COPIED \
+                and not f.name.endswith(".index.json"):
+            shutil.copy2(f, out_dir / f.name)
+            copied.append(f.name)
+    config = out_dir / "config.json"
+    if dtype is not None and config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except ValueError:
+            raise ModelStockError("malformed config.json", anchor_dir / "config.json") from None
+        name = str(dtype).removeprefix("torch.")
+        keys = [k for k in ("torch_dtype", "dtype") if k in data] or ["torch_dtype"]
+        for k in keys:
+            data[k] = name
+        config.write_text(json.dumps(data, indent=2) + "\n")
+    return copied
+
+
+def model_card(anchor: str, models: Sequence[str], recipe: dict, summary: str) -> str:
+    """A Hugging Face model card (README.md) recording where the weights came from."""
+    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in recipe.items() if k not in ("anchor",
+                                                                                   "models"))
+    fine_tunes = "\n".join(f"- `{m}`" for m in models)
+    return f"""---
+base_model: {json.dumps(anchor)}
+tags:
+- merge
+- model-stock
+- modelstock
+---
+
+# Merged with modelstock
+
+This model merges {len(models)} fine-tunes of `{anchor}` with **{recipe.get("method")}**
+(Model Stock: Jang, Yun, Han, *Model Stock: All we need is just a few fine-tuned models*,
+ECCV 2024, arXiv:2403.19522), layer by layer, using the pretrained weights as the anchor.
+
+Fine-tuned models:
+
+{fine_tunes}
+
+| parameter | value |
+|---|---|
+{params}
+
+Per-layer angles and ratios are in `{REPORT_NAME}`.
+
+```
+{summary}
+```
+"""

@@ -1,0 +1,83 @@
+"""The per-layer merge report: what was decided for every tensor, and why."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerReport:
+    """One tensor's record. ``rule`` is one of ``model_stock``, ``average``, ``wise_ft``,
+    ``anchor``, ``copy``. ``cos`` is the mean pairwise cosine of the task vectors, ``t`` the ratio
+    applied (for ``granularity="row"``: the mean over rows, with ``t_min``/``t_max``)."""
+
+    name: str
+    shape: list[int]
+    rule: str
+    dtype: str = ""
+    cos: float | None = None
+    angle_deg: float | None = None
+    t: float | None = None
+    norms: list[float] | None = None
+    pair_cos: list[float] | None = None
+    t_min: float | None = None
+    t_max: float | None = None
+    note: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class MergeReport:
+    """Everything a merge decided, JSON-ready (``modelstock_report.json``)."""
+
+    method: str
+    n_models: int
+    granularity: str
+    clamp: bool
+    layers: list[LayerReport] = field(default_factory=list)
+    alpha: float | None = None
+    anchor: str | None = None
+    models: list[str] = field(default_factory=list)
+    model_cos: float | None = None
+    model_t: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    seconds: float | None = None
+    output_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = [{k: v for k, v in asdict(layer).items() if v is not None}
+                       for layer in self.layers]
+        return {k: v for k, v in d.items() if v is not None}
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def summary(self) -> str:
+        """A one-screen, human-readable summary of the merge."""
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            counts[layer.rule] = counts.get(layer.rule, 0) + 1
+        merged = [x for x in self.layers if x.t is not None]
+        angles = [x.angle_deg for x in self.layers if x.angle_deg is not None]
+        lines = [f"method       {self.method} (N={self.n_models}, granularity={self.granularity}"
+                 f"{', clamp' if self.clamp else ', no clamp'}"
+                 f"{'' if self.alpha is None else f', alpha={self.alpha:g}'})",
+                 "layers       " + ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))]
+        if merged:
+            ts = [x.t for x in merged]
+            lines.append(f"t            mean {sum(ts) / len(ts):.4f}, min {min(ts):.4f}, "
+                         f"max {max(ts):.4f}")
+        if angles:
+            lines.append(f"angle (deg)  min {min(angles):.2f}, max {max(angles):.2f}")
+        if self.output_bytes is not None:
+            lines.append(f"output       {self.output_bytes / 1e9:.3f} GB")
+        if self.seconds is not None:
+            lines.append(f"time         {self.seconds:.1f} s")
+        lines += [f"warning      {w}" for w in self.warnings]
+        return "\n".join(lines)
