@@ -1,0 +1,5 @@
+"""``python -m modelstock`` is the ``modelstock`` command."""
+
+from .cli import main
+
+main()
