@@ -41,8 +41,8 @@ def run(cfg: TrainConfig = DEMO, out: Path = Path("runs/demo"), seeds: tuple[int
     splits = make_splits(topics or load_topics(), cfg.sizes)
     suite = EvalSuite(tok, {k: splits[k] for k in ("test", *OOD_TOPICS)})
     anchor_model = zero_shot_model(tok, cfg.n_layers)
-    anchor = state_dict_copy(anchor_model)
-    evaluate = Evaluator(suite, copy.deepcopy(anchor_model), cache_dir=None)
+    anchor = state_dict_copy(anchor_model, cfg.frozen)
+    evaluate = Evaluator(suite, copy.deepcopy(anchor_model), cache_dir=None, fixed=cfg.frozen)
     timings: dict[str, float] = {}
 
     def fresh() -> torch.nn.Module:
@@ -56,7 +56,7 @@ def run(cfg: TrainConfig = DEMO, out: Path = Path("runs/demo"), seeds: tuple[int
         log(f"fine-tune seed {seed} ({len(splits['train'])} tweets, {cfg.epochs} epochs)")
         train_lockstep([model], [seed], cfg, tok, splits["train"])
         timings[f"fine-tune seed {seed}"] = round(time.perf_counter() - t, 1)
-        fts.append(state_dict_copy(model))
+        fts.append(state_dict_copy(model, cfg.frozen))
         rows.append(evaluate(f"fine-tune (seed {seed})", fts[-1], kind="fine-tune", seed=seed))
     rows.append(evaluate("uniform average of 2", merge(anchor, fts, "uniform")[0],
                          kind="uniform-2"))

@@ -94,37 +94,44 @@ class EvalSuite:
         return out
 
     def metrics(self, preds: Mapping[str, np.ndarray]) -> dict[str, float]:
-        """``<set>_acc`` and ``<set>_bacc`` per set; ``id_*`` (test) and ``ood_*`` (topic mean)."""
-        m: dict[str, float] = {}
-        for k in self.names:
-            y, p = self.labels[k], preds[k]
-            m[f"{k}_acc"] = float((y == p).mean())
-            with warnings.catch_warnings():  # a topic may lack a class the model predicts
-                warnings.simplefilter("ignore", UserWarning)
-                m[f"{k}_bacc"] = float(balanced_accuracy_score(y, p))
-        if "test" in self.names:
-            m["id_acc"], m["id_bacc"] = m["test_acc"], m["test_bacc"]
-        ood = [k for k in OOD_TOPICS if k in self.names]
-        if ood:
-            m["ood_acc"] = float(np.mean([m[f"{k}_acc"] for k in ood]))
-            m["ood_bacc"] = float(np.mean([m[f"{k}_bacc"] for k in ood]))
-        return m
+        return set_metrics(self.labels, preds, OOD_TOPICS)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         return self.metrics(self.predict(model))
 
 
-def table_columns(row: Mapping[str, float]) -> list[str]:
-    """The metric columns present in a row, in a stable order (ID, OOD mean, topics, val)."""
+def set_metrics(labels: Mapping[str, np.ndarray], preds: Mapping[str, np.ndarray],
+                ood: Sequence[str]) -> dict[str, float]:
+    """``<set>_acc`` and ``<set>_bacc`` per set; ``id_*`` (the ``test`` set) and ``ood_*`` (the
+    mean over the ``ood`` sets present)."""
+    m: dict[str, float] = {}
+    for k, y in labels.items():
+        p = preds[k]
+        m[f"{k}_acc"] = float((y == p).mean())
+        with warnings.catch_warnings():  # a topic may lack a class the model predicts
+            warnings.simplefilter("ignore", UserWarning)
+            m[f"{k}_bacc"] = float(balanced_accuracy_score(y, p))
+    if "test" in labels:
+        m["id_acc"], m["id_bacc"] = m["test_acc"], m["test_bacc"]
+    present = [k for k in ood if k in labels]
+    if present:
+        m["ood_acc"] = float(np.mean([m[f"{k}_acc"] for k in present]))
+        m["ood_bacc"] = float(np.mean([m[f"{k}_bacc"] for k in present]))
+    return m
+
+
+def table_columns(row: Mapping[str, float], ood: Sequence[str] = OOD_TOPICS) -> list[str]:
+    """The metric columns present in a row, in a stable order (ID, OOD mean, each shift, val)."""
     cols = ["id_acc", "id_bacc", "ood_acc", "ood_bacc"]
-    cols += [f"{t}_{m}" for t in OOD_TOPICS for m in ("acc", "bacc")]
+    cols += [f"{t}_{m}" for t in ood for m in ("acc", "bacc")]
     cols += ["val_acc"]
     return [c for c in cols if c in row]
 
 
-def format_table(rows: Sequence[Mapping], extra: Sequence[str] = ()) -> str:
+def format_table(rows: Sequence[Mapping], extra: Sequence[str] = (),
+                 ood: Sequence[str] = OOD_TOPICS) -> str:
     """A markdown table of rows (metrics in percent)."""
-    cols = table_columns(rows[0]) if rows else []
+    cols = table_columns(rows[0], ood) if rows else []
     head = ["method", *extra, *(c.replace("self_driving", "selfdrv") for c in cols)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

@@ -23,7 +23,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .evaluation import Example, SplitSizes
-from .textmodel import LOGIT_SCALE, MAX_LEN, PROMPTS, collate, encode, token_dropout
+from .textmodel import (
+    LOGIT_SCALE,
+    MAX_LEN,
+    PROMPTS,
+    WORD_EMBEDDINGS,
+    collate,
+    encode,
+    state_dict_copy,
+    token_dropout,
+)
 
 ROOT = Path(__file__).resolve().parent.parent / "runs" / "tweets"
 MEGABATCH = 8  # batches per length-sorted group: less padding, order still seed-dependent
@@ -58,6 +67,14 @@ class TrainConfig:
 
     def with_seed(self, seed: int) -> TrainConfig:
         return replace(self, seed=seed)
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        """Tensors no fine-tune changes: not saved, not merged (they stay the anchor's)."""
+        return (WORD_EMBEDDINGS,) if self.freeze_word_embeddings else ()
+
+    def without_frozen(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in state.items() if k not in self.frozen}
 
 
 def snapshot_path(run_dir: Path, epoch: int) -> Path:
@@ -164,7 +181,7 @@ def finetune(cfg: TrainConfig, tokenizer, make_anchor: Callable[[], torch.nn.Mod
 
     def snap(epoch: int) -> None:
         if epoch in cfg.snapshots:
-            save_state(model.state_dict(), snapshot_path(run_dir, epoch))
+            save_state(state_dict_copy(model, cfg.frozen), snapshot_path(run_dir, epoch))
 
     log = train_lockstep([model], [cfg.seed], cfg, tokenizer, train, on_epoch=snap)
     (run_dir / "log.json").write_text(json.dumps(log, indent=1) + "\n")

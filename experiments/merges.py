@@ -27,8 +27,9 @@ StateDict = dict[str, torch.Tensor]
 class Evaluator:
     """Evaluate state dicts on an `EvalSuite`, with a JSON cache per model name."""
 
-    def __init__(self, suite, model: torch.nn.Module, cache_dir: Path | None) -> None:
-        self.suite, self.model = suite, model
+    def __init__(self, suite, model: torch.nn.Module, cache_dir: Path | None,
+                 fixed: tuple[str, ...] = ()) -> None:
+        self.suite, self.model, self.fixed = suite, model, set(fixed)
         self.cache_dir = None if cache_dir is None else Path(cache_dir) / suite.key
         self.seconds = 0.0
         self.count = 0
@@ -62,7 +63,7 @@ class Evaluator:
             return hit
         start = time.perf_counter()
         sd = state() if callable(state) else state
-        self.model.load_state_dict(sd)
+        load_into(self.model, sd, self.fixed)
         preds = self.suite.predict(self.model)
         row = {"name": name, **info, **self.suite.metrics(preds)}
         row["eval_seconds"] = round(time.perf_counter() - start, 1)
@@ -78,6 +79,16 @@ class Evaluator:
             tmp.write_text(json.dumps(full) + "\n")
             os.replace(tmp, path)
         return row
+
+
+def load_into(model: torch.nn.Module, state: StateDict, fixed=frozenset()) -> None:
+    """Load ``state``; only the ``fixed`` tensors (never trained, kept from the anchor) may be
+    absent."""
+    res = model.load_state_dict(state, strict=False)
+    missing = set(res.missing_keys) - set(fixed)
+    if missing or res.unexpected_keys:
+        raise KeyError(f"state dict mismatch: missing {sorted(missing)[:3]}, "
+                       f"unexpected {res.unexpected_keys[:3]}")
 
 
 def merge(anchor: StateDict, models: Sequence[StateDict], method: str,

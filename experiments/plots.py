@@ -24,7 +24,8 @@ STYLE = {
 }
 
 
-def figure1(rows: Sequence[Mapping], path: str | Path, title: str, metric: str = "acc") -> None:
+def figure1(rows: Sequence[Mapping], path: str | Path, title: str, metric: str = "acc",
+            id_name: str = "airline tweets", ood_name: str = "4 topics") -> None:
     """ID vs mean-OOD ``metric`` (acc or bacc): models as points, WiSE-FT curve(s) as lines."""
     fig, ax = plt.subplots(figsize=(6.4, 5.0))
     x, y = f"id_{metric}", f"ood_{metric}"
@@ -45,9 +46,9 @@ def figure1(rows: Sequence[Mapping], path: str | Path, title: str, metric: str =
                        c=colour, s=size, label=f"{label} ({len(pts)})" if len(pts) > 1 else label,
                        edgecolors="white" if kind != "zero-shot" else None, linewidths=0.5,
                        zorder=3)
-    ax.set_xlabel(f"ID (airline tweets) {'accuracy' if metric == 'acc' else 'balanced accuracy'}"
-                  " %")
-    ax.set_ylabel(f"OOD mean of 4 topics, {metric} %")
+    what = "accuracy" if metric == "acc" else "balanced accuracy"
+    ax.set_xlabel(f"ID ({id_name}) {what} %")
+    ax.set_ylabel(f"OOD (mean of {ood_name}) {what} %")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right" if zs is None else "best")

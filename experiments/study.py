@@ -28,7 +28,7 @@ import torch
 from . import geometry, plots
 from .evaluation import EvalSuite, format_table, make_splits
 from .finetune import ROOT, TrainConfig, finetune, load_snapshot, snapshot_path
-from .merges import Evaluator, distance, merge, merged, subsets, summarize
+from .merges import Evaluator, distance, load_into, merge, merged, subsets, summarize
 from .periodic import periodic_available, train_periodic
 from .textmodel import load_tokenizer, state_dict_copy, zero_shot_model
 from .tweets import OOD_TOPICS, load_topics
@@ -50,7 +50,11 @@ def tag(seeds: Sequence[int]) -> str:
 
 
 class Context:
-    """Tokenizer, splits, evaluation suites, anchor and cached evaluators for one regime."""
+    """Tokenizer, splits, evaluation suites, anchor and cached evaluators for one regime.
+    (`experiments.digits.DigitsContext` has the same interface for the second domain.)"""
+
+    id_name, ood_name = "airline tweets", "4 topics"
+    ood = OOD_TOPICS
 
     def __init__(self, cfg: TrainConfig, root: Path = ROOT, topics=None) -> None:
         self.cfg, self.root = cfg, root
@@ -60,11 +64,13 @@ class Context:
         self.suite = EvalSuite(self.tok, sets)
         self.val_suite = EvalSuite(self.tok, {"val": self.splits["val"]})
         self.anchor_model = zero_shot_model(self.tok, cfg.n_layers)
-        self.anchor = state_dict_copy(self.anchor_model)
+        self.anchor = state_dict_copy(self.anchor_model, cfg.frozen)
         self.regime_key = replace(cfg, seed=-1).key("regime")
         cache = root / "evals" / self.regime_key
-        self.evaluate = Evaluator(self.suite, copy.deepcopy(self.anchor_model), cache)
-        self.val_score = Evaluator(self.val_suite, copy.deepcopy(self.anchor_model), cache)
+        self.evaluate = Evaluator(self.suite, copy.deepcopy(self.anchor_model), cache,
+                                  cfg.frozen)
+        self.val_score = Evaluator(self.val_suite, copy.deepcopy(self.anchor_model), cache,
+                                   cfg.frozen)
 
     @staticmethod
     def finished(cfg: TrainConfig, root: Path, seed: int) -> bool:
@@ -79,7 +85,7 @@ class Context:
         return snapshot_path(self.run_dir(seed), epoch).exists()
 
     def ft(self, seed: int, epoch: int) -> dict[str, torch.Tensor]:
-        return load_snapshot(self.run_dir(seed), epoch)
+        return self.cfg.without_frozen(load_snapshot(self.run_dir(seed), epoch))
 
     def fresh(self) -> torch.nn.Module:
         return copy.deepcopy(self.anchor_model)
@@ -137,7 +143,7 @@ def cmd_periodic(args: argparse.Namespace) -> None:
 def disagreement(ctx: Context, a: str, b: str) -> float:
     """Fraction of evaluation tweets (test and shifted topics) where two models disagree."""
     pa, pb = ctx.evaluate.preds(a), ctx.evaluate.preds(b)
-    keys = ["test", *OOD_TOPICS]
+    keys = ["test", *ctx.ood]
     return float(np.mean(np.concatenate([pa[k] != pb[k] for k in keys])))
 
 
@@ -202,7 +208,7 @@ def greedy_row(ctx: Context, epoch: int, seeds: Sequence[int], ft) -> dict | Non
         return hit
 
     def score(sd) -> float:
-        ctx.val_score.model.load_state_dict(sd)
+        load_into(ctx.val_score.model, sd, ctx.val_score.fixed)
         return ctx.val_suite.evaluate(ctx.val_score.model)["val_acc"]
 
     sd, report = greedy_soup(ctx.anchor, [ft(s) for s in seeds], score=score)
@@ -224,7 +230,8 @@ def periodic_rows(ctx: Context, seeds: Sequence[int], epochs: Sequence[int],
             if path.exists():
                 rows.append(ctx.evaluate(
                     f"e{epoch:02d}/periodic/{period}{unit}-{optimizer_state}/{tag(seeds)}",
-                    lambda path=path, epoch=epoch: load_snapshot(path.parent, epoch),
+                    lambda path=path, epoch=epoch: ctx.cfg.without_frozen(
+                        load_snapshot(path.parent, epoch)),
                     kind="periodic",
                     period=period, unit=unit, optimizer_state=optimizer_state,
                     seeds=list(seeds), epoch=epoch))
@@ -232,8 +239,11 @@ def periodic_rows(ctx: Context, seeds: Sequence[int], epochs: Sequence[int],
 
 
 # -- summaries ----------------------------------------------------------------------------------
-METRICS = ["id_acc", "id_bacc", "ood_acc", "ood_bacc", "val_acc",
-           *(f"{t}_{m}" for t in OOD_TOPICS for m in ("acc", "bacc"))]
+def metric_names(ood: Sequence[str]) -> list[str]:
+    return ["id_acc", "id_bacc", "ood_acc", "ood_bacc", "val_acc",
+            *(f"{t}_{m}" for t in ood for m in ("acc", "bacc"))]
+
+
 FAMILIES = [  # (kind, label, number of fine-tunes it costs)
     ("zero-shot", "zero-shot (anchor)", "0"),
     ("fine-tune", "fine-tune, mean over seeds", "1"),
@@ -249,18 +259,20 @@ FAMILIES = [  # (kind, label, number of fine-tunes it costs)
 ]
 
 
-def family_table(rows: Sequence[dict]) -> list[dict]:
+def family_table(rows: Sequence[dict], ood: Sequence[str] = OOD_TOPICS) -> list[dict]:
+    """One row per family of models (mean over its members; std/min/max beside)."""
+    metrics = metric_names(ood)
     out = []
     for kind, label, cost in FAMILIES:
         rs = [r for r in rows if r.get("kind") == kind]
         if kind == "wise-ft":
             rs = [r for r in rs if abs(r["alpha"] - 0.5) < 1e-9]
         if rs:
-            out.append(summarize(rs, label, METRICS) | {"cost": cost, "kind": kind})
+            out.append(summarize(rs, label, metrics) | {"cost": cost, "kind": kind})
     for r in rows:
         if r.get("kind") == "periodic":
             out.append(summarize([r], f"periodic Model Stock, every {r['period']} {r['unit']}"
-                                      f" ({r['optimizer_state']} opt. state)", METRICS)
+                                      f" ({r['optimizer_state']} opt. state)", metrics)
                        | {"cost": "2", "kind": "periodic"})
     return out
 
@@ -405,7 +417,7 @@ def analyze(ctx: Context, seeds: Sequence[int], out_dir: Path, name: str) -> dic
     rows = epoch_rows(ctx, final, seeds, full=True)
     rows += periodic_rows(ctx, seeds[:2], cfg.snapshots)
     final_rows = [r for r in rows if r.get("epoch") in (0, final)]
-    table = family_table(final_rows)
+    table = family_table(final_rows, ctx.ood)
     comparison = pair_comparison(final_rows)
     by_epoch = {}
     for epoch in [e for e in cfg.snapshots if e <= final]:
@@ -415,12 +427,13 @@ def analyze(ctx: Context, seeds: Sequence[int], out_dir: Path, name: str) -> dic
         ep_rows = [r for r in rows if r.get("epoch") == epoch]
         by_epoch[epoch] = {f["kind"]: {m: f[m] for m in ("id_acc", "ood_acc", "id_bacc",
                                                            "ood_bacc")}
-                           for f in family_table(ep_rows)}
+                           for f in family_table(ep_rows, ctx.ood)}
     geo = geometry_of(ctx, final, seeds)
     dist = distance_points(ctx, final_rows, final, seeds)
     fts = [r for r in final_rows if r.get("kind") == "fine-tune"]
     dis = [disagreement(ctx, a["name"], b["name"]) for a, b in itertools.combinations(fts, 2)]
-    result = {"config": asdict(cfg), "regime": name, "seeds": list(seeds), "table": table,
+    result = {"config": asdict(cfg), "regime": name, "ood": list(ctx.ood), "seeds": list(seeds),
+              "table": table,
               "pair_comparison": comparison, "by_epoch": by_epoch,
               "geometry": {k: v for k, v in geo.items() if k != "layers"},
               "prediction_disagreement": {"mean": float(np.mean(dis)), "min": float(min(dis)),
@@ -434,9 +447,10 @@ def analyze(ctx: Context, seeds: Sequence[int], out_dir: Path, name: str) -> dic
     plot_rows = [r for r in final_rows if r.get("kind") not in ("uniform-3", "uniform-4")]
     plot_rows += [dict(r, kind="wise-ft", alpha=1.0, curve=f"s{seeds[0]}")
                   for r in fts if r["seed"] == seeds[0]]
-    title = f"MiniLM on airline tweets, {name}, {final} epochs, k={len(seeds)}"
-    plots.figure1(plot_rows, out_dir / "figure1.png", title)
-    plots.figure1(plot_rows, out_dir / "figure1_bacc.png", title, metric="bacc")
+    title = f"{ctx.id_name}: {name}, {final} epochs, k={len(seeds)}"
+    names = {"id_name": ctx.id_name, "ood_name": ctx.ood_name}
+    plots.figure1(plot_rows, out_dir / "figure1.png", title, **names)
+    plots.figure1(plot_rows, out_dir / "figure1_bacc.png", title, metric="bacc", **names)
     recs = geo["layers"]
     plots.layer_angles([r["name"] for r in recs], [r["angle_mean"] for r in recs],
                        [r["angle_std"] for r in recs], out_dir / "layer_angles.png",
@@ -470,7 +484,7 @@ def write_tables(out_dir: Path, result: dict) -> None:
     lines = [f"# {result['regime']}: k = {len(result['seeds'])} seeds "
              f"{result['seeds']}, {result['config']['epochs']} epochs", "",
              "Metrics in %, mean over the family (std over its members in the JSON).", "",
-             format_table(table, extra=("cost", "count")), "",
+             format_table(table, extra=("cost", "count"), ood=result["ood"]), "",
              "## Std over members (ID acc / OOD acc, points)", ""]
     for r in table:
         if r["count"] > 1:

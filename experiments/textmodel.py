@@ -125,6 +125,11 @@ def zero_shot_model(tokenizer, n_layers: int | None = None,
     return model
 
 
-def state_dict_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached, cloned state dict (safe to keep while the model trains on)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+# Frozen in every fine-tune (``TrainConfig.freeze_word_embeddings``), hence equal to the anchor's:
+# left out of saved and merged state dicts (half the model), loaded from the anchor instead.
+WORD_EMBEDDINGS = "body.embeddings.word_embeddings.weight"
+
+
+def state_dict_copy(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A detached, cloned state dict without the ``skip`` keys (safe to keep while training)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in skip}

@@ -66,7 +66,8 @@ def test_demo_miniature(tmp_path, topics):
     assert ft0["name"] != ft1["name"]
 
 
-def test_study_miniature(tmp_path, topics):
+def test_study_miniature(tmp_path, topics, monkeypatch):
+    monkeypatch.setattr(study, "WISE_ALPHAS", (0.5,))
     cfg = TrainConfig(lr=1e-4, token_dropout=0.1, epochs=2, snapshots=(1, 2), batch_size=8,
                       sizes=TINY, n_layers=1)
     ctx = study.Context(cfg, root=tmp_path / "runs", topics=topics)
@@ -94,7 +95,9 @@ def test_study_miniature(tmp_path, topics):
     for f in ("study.json", "tables.md", "figure1.png", "layer_angles.png", "distance.png",
               "epochs_id_acc.png", "geometry_layers.json", "distance.json"):
         assert (tmp_path / "out" / f).stat().st_size > 0, f
-    # A second analysis reuses every cached evaluation.
+    # The rows come from the evaluation cache the second time.
     before = ctx.evaluate.count
-    study.analyze(ctx, seeds, tmp_path / "out", "tiny")
+    again = study.epoch_rows(ctx, 2, seeds, full=True)
     assert ctx.evaluate.count == before
+    assert [r["name"] for r in again] == [r["name"] for r in result["rows"] if r["epoch"] in (0, 2)
+                                          and r["kind"] != "periodic"][: len(again)]
