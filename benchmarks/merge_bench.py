@@ -11,7 +11,8 @@ ours/floor and ours/mergekit, and checks that our output matches mergekit's to b
 
 mergekit in its own virtualenv (it pins its own dependencies):
     python3 -m venv /work/mergekit-venv
-    /work/mergekit-venv/bin/pip install torch==2.13.0 && /work/mergekit-venv/bin/pip install mergekit
+    /work/mergekit-venv/bin/pip install torch==2.13.0   # the CPU build, from local disk
+    /work/mergekit-venv/bin/pip install mergekit
 """
 
 from __future__ import annotations
