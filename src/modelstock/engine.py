@@ -24,7 +24,7 @@ from .checkpoint import Reader
 from .errors import ModelStockError
 from .report import LayerReport, MergeReport
 
-METHODS = ("model-stock", "uniform", "wise-ft")
+METHODS = ("model-stock", "uniform", "wise-ft", "linear")
 GRANULARITIES = ("tensor", "row", "model")
 BATCHNORM_STATS = ("running_mean", "running_var")
 DEFAULT_CHUNK_NUMEL = 1 << 24  # 64 MiB of float32 per input per chunk
@@ -34,16 +34,22 @@ PIECE_NUMEL = 1 << 20  # unit of work handed to a worker thread
 @dataclass(frozen=True)
 class MergeOptions:
     """How to merge. ``method``: ``model-stock`` (the paper), ``uniform`` (a uniform soup: plain
-    mean of the fine-tunes) or ``wise-ft`` (``w0 + alpha (mean(w_i) - w0)``). ``average`` and
-    ``keep_anchor`` are glob patterns over tensor names that force those rules."""
+    mean of the fine-tunes), ``wise-ft`` (``w0 + alpha (mean(w_i) - w0)``) or ``linear``
+    (``sum_i weights[i] w_i``, divided by ``sum(weights)`` if ``normalize``: mergekit's linear; the
+    anchor only gives the layout). ``average`` and ``keep_anchor`` are glob patterns over tensor
+    names that force those rules. ``compute_dtype=torch.float64`` runs the arithmetic in float64
+    even for lower-precision inputs (it is never below float32)."""
 
     method: str = "model-stock"
     granularity: str = "tensor"
     clamp: bool = True
     alpha: float | None = None
+    weights: tuple[float, ...] | None = None
+    normalize: bool = True
     average: tuple[str, ...] = ()
     keep_anchor: tuple[str, ...] = ()
     dtype: torch.dtype | None = None
+    compute_dtype: torch.dtype | None = None
     chunk_numel: int = DEFAULT_CHUNK_NUMEL
     allow_nonfinite: bool = False
     device: str = "cpu"
@@ -59,6 +65,17 @@ class MergeOptions:
             raise ModelStockError("alpha is required by, and only used by, method wise-ft")
         if self.alpha is not None and not math.isfinite(self.alpha):
             raise ModelStockError(f"alpha must be a finite number, got {self.alpha}")
+        if (self.method == "linear") != (self.weights is not None):
+            raise ModelStockError("weights are required by, and only used by, method linear")
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+            if not all(math.isfinite(w) for w in self.weights):
+                raise ModelStockError(f"weights must be finite numbers, got {list(self.weights)}")
+            if self.normalize and sum(self.weights) == 0:
+                raise ModelStockError("weights sum to 0: cannot normalize (set normalize=False)")
+        if self.compute_dtype not in (None, torch.float32, torch.float64):
+            raise ModelStockError(f"compute dtype must be float32 or float64, "
+                                  f"got {self.compute_dtype}")
         if self.chunk_numel < 1:
             raise ModelStockError("chunk_numel must be positive")
         if self.dtype is not None and not self.dtype.is_floating_point:
@@ -97,6 +114,8 @@ def plan_merge(anchor: Reader, models: Sequence[Reader], opts: MergeOptions) -> 
     if len(models) < minimum:
         raise ModelStockError(f"{opts.method} needs at least {minimum} fine-tuned models, "
                               f"got {len(models)}")
+    if opts.weights is not None and len(opts.weights) != len(models):
+        raise ModelStockError(f"{len(opts.weights)} weights for {len(models)} models")
     for m in models:
         missing = [k for k in anchor.infos if k not in m.infos]
         if missing:
@@ -157,6 +176,8 @@ def _plan_layer(name: str, anchor: Reader, models: Sequence[Reader],
         plan.rule, plan.note = "average", "not in the anchor"
     elif name.rsplit(".", 1)[-1] in BATCHNORM_STATS:
         plan.rule, plan.note = "average", "BatchNorm running statistic"
+    elif opts.method == "linear":
+        plan.rule = "linear"
     else:
         plan.rule = {"model-stock": "model_stock", "uniform": "average",
                      "wise-ft": "wise_ft"}[opts.method]
@@ -218,7 +239,7 @@ class Merger:
 
     def _compute_dtype(self, name: str) -> torch.dtype:
         return stock.compute_dtype_for(*(r.infos[name].dtype for r in [self.anchor, *self.models]
-                                         if name in r.infos))
+                                         if name in r.infos), self.opts.compute_dtype)
 
     def _chunks(self, p: LayerPlan, s: int, e: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The anchor's and the models' elements [s, e) of tensor ``p``."""
@@ -371,8 +392,9 @@ class Merger:
                 differs = differs or any(not torch.equal(out, c) for c in chunks[1:])
             elif p.rule == "anchor":
                 out = chunks[0].to(p.out_dtype)
-            else:
-                out = stock.average(chunks, p.out_dtype, dt)
+            else:  # average or linear; with weights (method linear) a weighted mean
+                out = stock.average(chunks, p.out_dtype, dt, self.opts.weights,
+                                    self.opts.normalize)
             if p.out_dtype.is_floating_point:
                 self._check_output(p, out, readers)
             self.sink.write(p.name, out)
@@ -441,6 +463,8 @@ def merge_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions,
         torch.set_num_threads(torch_threads)
     report = MergeReport(method=opts.method, n_models=len(models), granularity=opts.granularity,
                          clamp=opts.clamp, layers=layers, alpha=opts.alpha,
+                         weights=None if opts.weights is None else list(opts.weights),
+                         normalize=None if opts.weights is None else opts.normalize,
                          anchor=anchor.path, models=[m.path for m in models],
                          warnings=list(plan.warnings))
     report.model_cos = getattr(merger, "global_cos", None)

@@ -28,7 +28,7 @@ SINGULAR_EPS = 1e-6
 _PROMOTING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def compute_dtype_for(*dtypes: torch.dtype) -> torch.dtype:
+def compute_dtype_for(*dtypes: torch.dtype | None) -> torch.dtype:
     """float32, unless an input is float64 (then float64: never compute below the inputs)."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
@@ -183,12 +183,24 @@ def apply_ratio(anchor: torch.Tensor, deltas: torch.Tensor, t: torch.Tensor | fl
 
 
 def average(models: Sequence[torch.Tensor], out_dtype: torch.dtype,
-            compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Plain mean of flat chunks (a uniform soup; BatchNorm statistics; keys with no anchor)."""
-    acc = models[0].to(compute_dtype, copy=True)
-    for w in models[1:]:
-        acc += w.to(compute_dtype)
-    acc /= len(models)
+            compute_dtype: torch.dtype = torch.float32, weights: Sequence[float] | None = None,
+            normalize: bool = True) -> torch.Tensor:
+    """Plain mean of flat chunks (a uniform soup; BatchNorm statistics; keys with no anchor).
+
+    With ``weights``: ``sum_i weights[i] models[i]``, divided by ``sum(weights)`` if
+    ``normalize`` (mergekit's ``linear``).
+    """
+    if weights is None:
+        acc = models[0].to(compute_dtype, copy=True)
+        for w in models[1:]:
+            acc += w.to(compute_dtype)
+        acc /= len(models)
+        return acc.to(out_dtype)
+    acc = torch.mul(models[0].to(compute_dtype), weights[0])
+    for x, w in zip(models[1:], weights[1:], strict=True):
+        acc.add_(x.to(compute_dtype), alpha=w)
+    if normalize:
+        acc /= sum(weights)
     return acc.to(out_dtype)
 
 
