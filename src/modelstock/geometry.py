@@ -313,9 +313,10 @@ def _plan_each(anchor: Reader, models: Sequence[Reader], opts: MergeOptions
 
 
 def _anchor_norm(anchor: Reader, p: LayerPlan, cached, chunk_numel: int) -> float:
-    """``|w0|`` in float64: from the chunk the Gram pass kept, else streamed from the anchor."""
+    """``|w0|``: from the chunk the Gram pass kept (in its compute dtype: a display figure,
+    good to ~1e-6), else streamed from the anchor chunk by chunk (tensors over one chunk)."""
     if cached is not None:
-        return float(torch.linalg.vector_norm(cached[0], dtype=torch.float64))
+        return float(torch.linalg.vector_norm(cached[0]))
     sq = 0.0
     for s, e in chunk_ranges(p.numel, chunk_numel):
         sq += float(torch.linalg.vector_norm(anchor.read(p.name, s, e), dtype=torch.float64)) ** 2
