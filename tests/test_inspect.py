@@ -207,7 +207,7 @@ def test_small_chunks_give_the_same_numbers(files) -> None:
             continue
         assert a.layer.norms == pytest.approx(b.layer.norms, rel=1e-9), a.name
         assert a.layer.cos == pytest.approx(b.layer.cos, rel=1e-9, abs=1e-12), a.name
-        assert a.anchor_norm == pytest.approx(b.anchor_norm, rel=1e-9), a.name
+        assert a.anchor_norm == pytest.approx(b.anchor_norm, rel=1e-6), a.name  # float32 sum
 
 
 def test_nonfinite_layer_is_reported_not_fatal() -> None:

@@ -362,14 +362,15 @@ def inspect_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions
                 layers.append(LayerGeometry(LayerReport(p.name, list(p.shape), "skipped", dtype,
                                                         note=str(e)), kinds[p.name]))
                 continue
+            norm = _anchor_norm(anchor, p, cached, opts.chunk_numel)
+            del cached  # free the task vectors before the next layer allocates its own
+            for r in [anchor, *models]:
+                r.release(p.name)
             if p.anchored:
                 _, rep = merger.ratio(p, g)
             else:
                 rep = merger.describe(p, g)
                 rep.note = "; ".join(x for x in (p.note, rep.note) if x)
-            norm = _anchor_norm(anchor, p, cached, opts.chunk_numel)
-            for r in [anchor, *models]:
-                r.release(p.name)
             layers.append(LayerGeometry(rep, kinds[p.name], norm))
     return Inspection(anchor.path, [m.path for m in models], layers,
                       find_problems(layers, len(models)), opts.clamp,

@@ -74,6 +74,13 @@ def kind_row(s: KindSummary) -> list[str]:
             _num(s.spread_mean, ".1f"), _num(s.t_median, ".3f"), _num(s.rel_norm_median)]
 
 
+def kind_table(insp: Inspection) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the summary by kind (no spread column for a single pair)."""
+    keep = [i for i, h in enumerate(KIND_HEADER) if insp.n_models > 2 or h != "spread"]
+    rows = [kind_row(s) for s in insp.by_kind()]
+    return [KIND_HEADER[i] for i in keep], [[r[i] for i in keep] for r in rows]
+
+
 def _grid(header: list[str], rows: Sequence[list[str]], numeric_from: int = 2) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
@@ -109,7 +116,7 @@ def text(insp: Inspection, full: bool = False) -> str:
             + "; t: the merge's ratio; rule* = not every fine-tune moved this layer", "",
             "By layer kind (angles over layers that every fine-tune moved"
             + ("" if n == 2 else "; spread: mean of max-min pair angle") + "):"]
-    out += _grid(KIND_HEADER, [kind_row(s) for s in insp.by_kind()], numeric_from=1)
+    out += _grid(*kind_table(insp), numeric_from=1)
     out.append("")
     if not insp.findings:
         out.append("no findings: the geometry looks like fine-tunes of this anchor")
@@ -176,7 +183,7 @@ def to_html(insp: Inspection, png: bytes | None = None) -> str:
 <ul><li>anchor: <code>{html.escape(insp.anchor)}</code></li>{models}</ul>
 <h2>Findings</h2><ul>{findings}</ul>
 <h2>By layer kind</h2>
-{_table(KIND_HEADER, [kind_row(s) for s in insp.by_kind()])}
+{_table(*kind_table(insp))}
 {plot}
 <h2>Layers</h2>
 <p>|w_i - w0|: task-vector norm per fine-tune; rel: mean |w_i - w0| / |w0|; angle: degrees
