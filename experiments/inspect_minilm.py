@@ -5,7 +5,7 @@ runs and is not saved) on US-airline tweet sentiment for ``--steps`` AdamW steps
 seed for data order and dropout, and is saved as a Hugging Face directory. Then the fine-tunes
 are inspected against the packaged weights, printing the table and writing the reports to
 ``--out``. ``--perturb`` skips training and uses two synthetic perturbations instead (a shared
-direction plus independent noise per model, 1e-3 of each tensor's RMS).
+direction plus independent noise per model, each 1e-3 of the tensor's RMS: 60 degrees).
 
     HF_HUB_OFFLINE=1 python -m experiments.inspect_minilm [--steps 60] [--out /tmp/inspect_minilm]
 """
@@ -58,9 +58,12 @@ def perturb(anchor: Path, out: Path, seed: int, shared_seed: int = 1234) -> None
     g_own = torch.Generator().manual_seed(seed)
     new = {}
     for k, v in state.items():
-        rms = v.float().pow(2).mean().sqrt() * 1e-3
-        shared = torch.randn(v.shape, generator=g_shared) * rms
-        new[k] = v + shared + torch.randn(v.shape, generator=g_own) * rms
+        if not v.is_floating_point():  # integer buffers (position ids) stay as they are
+            new[k] = v
+            continue
+        rms = float(v.float().pow(2).mean().sqrt()) or 1.0  # all-zero biases: absolute scale
+        shared = torch.randn(v.shape, generator=g_shared) * rms * 1e-3
+        new[k] = (v + shared + torch.randn(v.shape, generator=g_own) * rms * 1e-3).to(v.dtype)
     out.mkdir(parents=True, exist_ok=True)
     save_file(new, out / "model.safetensors")
 
