@@ -12,9 +12,11 @@ import ctypes
 import errno
 import json
 import os
+import queue
 import secrets
 import shutil
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -45,13 +47,48 @@ def plan_shards(layers: Sequence[LayerPlan], max_bytes: int) -> list[list[LayerP
     return shards
 
 
+class BackgroundWriter:
+    """Run file writes, in order, on one background thread, so that computing the next chunk
+    overlaps writing the last; at most ``depth`` chunks wait. Errors surface on the next call."""
+
+    def __init__(self, depth: int = 3) -> None:
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="modelstock-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    job[0](*job[1])
+                except BaseException as e:  # re-raised in the caller's thread
+                    self._error = e
+
+    def submit(self, fn: Callable, *args) -> None:
+        self._raise()
+        self._queue.put((fn, args))
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Wait for every queued write; raise the first error any of them hit."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+
 class SafetensorsSink:
     """Stream merged tensors into one or more safetensors files (one open file at a time)."""
 
     def __init__(self, target: Path, layers: Sequence[LayerPlan], max_shard_bytes: int | None,
-                 metadata: dict[str, str]) -> None:
-        """``target`` is a directory (sharded HF layout) or a ``.safetensors`` file path."""
-        self.single_file = target.suffix == ".safetensors"
+                 metadata: dict[str, str], single_file: bool = False) -> None:
+        """``target`` is a directory (sharded HF layout), or the file to write if
+        ``single_file``."""
+        self.single_file = single_file
         groups = [list(layers)] if (self.single_file or not max_shard_bytes) else \
             plan_shards(layers, max_shard_bytes)
         if self.single_file:
@@ -68,8 +105,13 @@ class SafetensorsSink:
         self._shard_of = {p.name: i for i, g in enumerate(groups) for p in g}
         self._current: tuple[int, SafetensorsWriter] | None = None
         self.total_bytes = sum(p.numel * p.out_dtype.itemsize for p in layers)
+        self._writer = BackgroundWriter()
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
+        """Queue a chunk for writing (the caller must not modify it afterwards)."""
+        self._writer.submit(self._write_now, name, chunk)
+
+    def _write_now(self, name: str, chunk: torch.Tensor) -> None:
         i = self._shard_of[name]
         if self._current is None or self._current[0] != i:
             if self._current is not None:
@@ -79,6 +121,7 @@ class SafetensorsSink:
         self._current[1].write(name, chunk)
 
     def close(self) -> None:
+        self._writer.close()
         if self._current is not None:
             self._current[1].close()
         for i, f in enumerate(self.files):  # shards holding only empty tensors
@@ -92,6 +135,8 @@ class SafetensorsSink:
             (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
+        with contextlib.suppress(BaseException):
+            self._writer.close()
         if self._current is not None:
             self._current[1].abort()
 
@@ -206,24 +251,39 @@ def copy_anchor_files(anchor_dir: Path, out_dir: Path, dtype: torch.dtype | None
     return copied
 
 
+METHOD_TEXT = {
+    "model-stock": "**Model Stock** (Jang, Yun, Han, *Model Stock: All we need is just a few "
+                   "fine-tuned models*, ECCV 2024, arXiv:2403.19522): every layer moves from the "
+                   "pretrained weights towards the fine-tunes' average by a ratio derived from "
+                   "the angle between their task vectors",
+    "uniform": "a **uniform soup** (Wortsman et al., *Model soups*, ICML 2022): the plain mean "
+               "of the fine-tunes",
+    "wise-ft": "**WiSE-FT** (Wortsman et al., *Robust fine-tuning of zero-shot models*, CVPR "
+               "2022): an interpolation between the pretrained weights and the fine-tunes' mean",
+    "linear": "a **weighted average** of the models (mergekit's `linear`)",
+    "greedy": "a **greedy soup** (Wortsman et al., *Model soups*, ICML 2022): the mean of the "
+              "fine-tunes kept by greedy selection on a held-out score",
+}
+
+
 def model_card(anchor: str, models: Sequence[str], recipe: dict, summary: str) -> str:
-    """A Hugging Face model card (README.md) recording where the weights came from."""
-    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in recipe.items() if k not in ("anchor",
-                                                                                   "models"))
+    """A Hugging Face model card (README.md) recording where the weights came from and how."""
+    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in recipe.items()
+                       if k not in ("anchor", "models") and v not in (None, []))
     fine_tunes = "\n".join(f"- `{m}`" for m in models)
+    method = recipe.get("method", "model-stock")
     return f"""---
 base_model: {json.dumps(anchor)}
 tags:
 - merge
-- model-stock
+- {method}
 - modelstock
 ---
 
 # Merged with modelstock
 
-This model merges {len(models)} fine-tunes of `{anchor}` with **{recipe.get("method")}**
-(Model Stock: Jang, Yun, Han, *Model Stock: All we need is just a few fine-tuned models*,
-ECCV 2024, arXiv:2403.19522), layer by layer, using the pretrained weights as the anchor.
+This model combines {len(models)} fine-tunes of `{anchor}` with
+{METHOD_TEXT.get(method, f"`{method}`")}, tensor by tensor.
 
 Fine-tuned models:
 
