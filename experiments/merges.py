@@ -93,9 +93,11 @@ def load_into(model: torch.nn.Module, state: StateDict, fixed=frozenset()) -> No
 
 def merge(anchor: StateDict, models: Sequence[StateDict], method: str,
           alpha: float | None = None):
-    """The library's in-memory merge; returns (state dict, MergeReport)."""
+    """The library's in-memory merge; returns (state dict, MergeReport). Uses as many threads
+    as torch does (one in the study: the box is shared)."""
     kw = {"alpha": alpha} if alpha is not None else {}
-    return merge_state_dicts(anchor, list(models), method=method, **kw)
+    return merge_state_dicts(anchor, list(models), method=method,
+                             threads=torch.get_num_threads(), **kw)
 
 
 def merged(anchor: StateDict, models: Sequence[StateDict], method: str,

@@ -211,13 +211,13 @@ def greedy_row(ctx: Context, epoch: int, seeds: Sequence[int], ft) -> dict | Non
         load_into(ctx.val_score.model, sd, ctx.val_score.fixed)
         return ctx.val_suite.evaluate(ctx.val_score.model)["val_acc"]
 
-    sd, report = greedy_soup(ctx.anchor, [ft(s) for s in seeds], score=score)
-    info = report if isinstance(report, dict) else getattr(report, "__dict__", {})
-    kept = info.get("kept", info.get("selected", info.get("ingredients")))
-    if kept is not None:
-        kept = [seeds[i] if isinstance(i, int) else i for i in kept]
+    sd, report = greedy_soup(ctx.anchor, [ft(s) for s in seeds], score=score,
+                             threads=torch.get_num_threads())
+    label = {f"models[{i}]": f"s{s}" for i, s in enumerate(seeds)}
+    rec = report.greedy
     return ctx.evaluate(name, sd, kind="greedy-soup", seeds=list(seeds), epoch=epoch,
-                        kept=kept)
+                        kept=[label[k] for k in rec["kept"]], greedy_val=rec["score"],
+                        greedy_order=[label[k] for k in rec["order"]])
 
 
 def periodic_rows(ctx: Context, seeds: Sequence[int], epochs: Sequence[int],
