@@ -149,7 +149,8 @@ def load_model(model: nn.Module, path: Path) -> nn.Module:
 
 
 def train(models: Sequence[nn.Module], seeds: Sequence[int], train_ds, recipe: Recipe,
-          device: str, on_step: Callable[[], None] | None = None, optimizers=None,
+          device: str, on_step: Callable[[], object] | None = None, optimizers=None,
+          on_epoch: Callable[[], object] | None = None,
           log: Callable[[str], None] = print) -> list:
     """Fine-tune ``models`` in lockstep (one data order per seed); returns their optimizers."""
     loaders = [loader(train_ds, recipe.batch_size, True, s, recipe.workers) for s in seeds]
@@ -180,6 +181,8 @@ def train(models: Sequence[nn.Module], seeds: Sequence[int], train_ds, recipe: R
                 on_step()
         log(f"epoch {epoch + 1}/{recipe.epochs}: loss {loss.item():.4f}, step {step}/{steps}, "
             f"{time.perf_counter() - start:.0f} s")
+        if on_epoch is not None:
+            on_epoch()
     return opts
 
 
@@ -226,11 +229,13 @@ def periodic(make_model: Callable[[], nn.Module], anchor_dir: Path, seeds: Seque
     models = [load_model(make_model(), anchor_dir).to(device) for _ in seeds]
     opts = [torch.optim.AdamW(m.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
             for m in models]
-    pms = PeriodicModelStock(models=models, anchor=anchor.state_dict(), period=period,
-                             unit=unit, optimizers=opts, optimizer_state=optimizer_state)
-    train(models, seeds, train_ds, recipe, device, on_step=pms.step, optimizers=opts)
-    merged = make_model()
-    merged.load_state_dict({k: v.cpu() for k, v in pms.merge().items()})
+    pms = PeriodicModelStock(models=models, anchor=anchor, period=period, unit=unit,
+                             optimizers=opts, optimizer_state=optimizer_state)
+    train(models, seeds, train_ds, recipe, device, optimizers=opts,
+          on_step=pms.step if unit == "step" else None,
+          on_epoch=pms.step if unit == "epoch" else None)
+    pms.merge()  # the final merge: every model now holds it
+    merged = models[0]
     target = out / f"periodic-{period}{unit}-{'+'.join(map(str, seeds))}"
     save_model(merged, target, {"seeds": list(seeds), "period": period, "unit": unit,
                                 "optimizer_state": optimizer_state, "recipe": asdict(recipe)})

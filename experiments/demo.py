@@ -75,8 +75,8 @@ def run(cfg: TrainConfig = DEMO, out: Path = Path("runs/demo"), seeds: tuple[int
     if periodic_available():
         t = time.perf_counter()
         log(f"periodic Model Stock: 2 models in lockstep, merged every {PERIOD_STEPS} steps")
-        sd = train_periodic(cfg, seeds, tok, fresh, anchor, splits["train"],
-                            period=PERIOD_STEPS, unit="step")
+        sd = train_periodic(cfg, seeds, tok, fresh, splits["train"], period=PERIOD_STEPS,
+                            unit="step")
         timings["periodic training"] = round(time.perf_counter() - t, 1)
         rows.append(evaluate(f"Model Stock (periodic, every {PERIOD_STEPS} steps)", sd,
                              kind="periodic", period=PERIOD_STEPS))

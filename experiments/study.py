@@ -130,9 +130,8 @@ def cmd_periodic(args: argparse.Namespace) -> None:
             if epoch in ctx.cfg.snapshots:
                 save_state(merged_now(), snapshot_path(run, epoch))
 
-        train_periodic(ctx.cfg, seeds, ctx.tok, ctx.fresh, ctx.anchor, ctx.splits["train"],
-                       period=period, unit=unit, optimizer_state=args.optimizer_state,
-                       on_epoch=snap)
+        train_periodic(ctx.cfg, seeds, ctx.tok, ctx.fresh, ctx.splits["train"], period=period,
+                       unit=unit, optimizer_state=args.optimizer_state, on_epoch=snap)
         log = {"seeds": list(seeds), "period": period, "unit": unit,
                "optimizer_state": args.optimizer_state,
                "seconds": round(time.perf_counter() - start, 1)}

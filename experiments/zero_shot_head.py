@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .evaluation import SplitSizes, make_splits
+from .evaluation import make_splits
+from .finetune import TrainConfig
 from .textmodel import PROMPTS, SentenceClassifier, collate, encode, load_body, load_tokenizer
 from .tweets import OOD_TOPICS, load_topics
 
@@ -41,9 +42,10 @@ def features(model: SentenceClassifier, tokenizer, texts, batch: int = 128) -> t
 
 def main() -> None:
     start = time.perf_counter()
+    torch.set_num_threads(1)
     tok = load_tokenizer()
     model = SentenceClassifier(load_body(), 3).eval()
-    splits = make_splits(load_topics(), SplitSizes())
+    splits = make_splits(load_topics(), TrainConfig().sizes)  # the study's val and OOD sets
     sets = {k: splits[k] for k in ("val", *OOD_TOPICS)}
     feats = {k: features(model, tok, [x for x, _ in v]) for k, v in sets.items()}
     labels = {k: torch.tensor([y for _, y in v]) for k, v in sets.items()}
