@@ -292,7 +292,7 @@ class DigitsContext:
             anchor_path.with_suffix(".json").write_text(json.dumps(self.probe) + "\n")
         self.anchor_model = net.eval()
         self.anchor = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        evals = {k: self.sets[k] for k in ("test", "val", *OOD_SETS)}
+        evals = {k: self.sets[k] for k in ("test", *OOD_SETS)}  # val: greedy soup only
         self.suite = ImageSuite(evals)
         self.val_suite = ImageSuite({"val": self.sets["val"]})
         self.regime_key = replace(cfg, seed=-1).key("regime")

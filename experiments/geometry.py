@@ -1,8 +1,9 @@
-"""The paper's geometric observations, read off the library's merge reports (no math of our own).
+"""The paper's geometric observations, read off the library's inspection (no math of our own).
 
-A Model Stock merge of all k fine-tunes reports, per layer, the cosine for every pair of task
-vectors and every task vector's norm: enough for "the angle between fine-tunes is about the
-same for every pair (small spread)" and "the norms are about the same" (the paper's Sec. 3).
+`modelstock.geometry.inspect_checkpoints` on all k fine-tunes gives, per layer, the angle of
+every pair of task vectors and every task vector's norm: enough for "the angle between fine-tunes
+is about the same for every pair" and "the norms are about the same" (the paper's Sec. 3). This
+module only condenses those fields into records, per-kind summaries and plots' inputs.
 """
 
 from __future__ import annotations
@@ -13,59 +14,52 @@ from collections.abc import Sequence
 import numpy as np
 
 from modelstock import MergeReport
+from modelstock.geometry import Inspection
 
 
-def layer_kind(name: str) -> str:
-    """Coarse group of a tensor, for summaries."""
-    if name.startswith("head."):
-        return "head"
-    if "LayerNorm" in name:
-        return "layernorm"
-    if "embeddings" in name:
-        return "embedding"
-    if name.endswith(".bias"):
-        return "bias"
-    return "weight matrix"
-
-
-def layers(report: MergeReport) -> list[dict]:
-    """One record per merged layer: angle per pair (deg), mean/std over pairs, norms, t."""
+def layers(insp: Inspection) -> list[dict]:
+    """One record per layer that the fine-tunes moved: angle per pair (deg) with its mean/std
+    over pairs, norms (mean, relative std over seeds, relative to |w0|), the k-model t."""
     out = []
-    for layer in report.layers:
-        if layer.pair_cos is None or layer.norms is None or not any(layer.norms):
+    for g in insp.layers:
+        norms = g.layer.norms
+        if not g.measured or not norms or not any(norms) or not g.layer.pair_cos:
             continue
-        ang = [math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in layer.pair_cos]
-        norms = np.array(layer.norms)
-        out.append({"name": layer.name, "kind": layer_kind(layer.name), "numel": layer.numel,
-                    "angle_mean": float(np.mean(ang)),
-                    "angle_std": float(np.std(ang, ddof=1)) if len(ang) > 1 else 0.0,
-                    "angle_min": float(np.min(ang)), "angle_max": float(np.max(ang)),
-                    "norm_mean": float(norms.mean()),
-                    "norm_rel_std": float(norms.std(ddof=1) / norms.mean()) if len(norms) > 1
-                    else 0.0,
-                    "t": layer.t})
+        ang, n = np.array(g.pair_angles), np.array(norms)
+        rel = g.relative_norms
+        out.append({"name": g.name, "kind": g.kind, "numel": g.layer.numel,
+                    "angle_mean": float(ang.mean()),
+                    "angle_std": float(ang.std(ddof=1)) if len(ang) > 1 else 0.0,
+                    "angle_min": float(ang.min()), "angle_max": float(ang.max()),
+                    "norm_mean": float(n.mean()),
+                    "norm_rel_std": float(n.std(ddof=1) / n.mean()) if len(n) > 1 else 0.0,
+                    "rel_norm": float(np.mean(rel)) if rel else None,
+                    "t": g.layer.t})
     return out
 
 
-def summary(records: Sequence[dict]) -> dict[str, dict]:
-    """Per kind of layer: how many, angle mean (and the mean over layers of the spread across
-    pairs), relative spread of norms across seeds, and t."""
+def summary(insp: Inspection, records: Sequence[dict]) -> dict[str, dict]:
+    """Per kind of layer: the library's summary (angle mean / range over layers, mean pairwise
+    spread, median t, median |w_i - w0| / |w0|) plus the mean std of the angle over pairs and of
+    the norms over seeds."""
     out: dict[str, dict] = {}
-    for kind in sorted({r["kind"] for r in records}):
-        rs = [r for r in records if r["kind"] == kind]
-        out[kind] = {"layers": len(rs),
-                     "angle_mean": float(np.mean([r["angle_mean"] for r in rs])),
-                     "angle_range": [float(min(r["angle_mean"] for r in rs)),
-                                     float(max(r["angle_mean"] for r in rs))],
-                     "angle_std_across_pairs": float(np.mean([r["angle_std"] for r in rs])),
-                     "norm_rel_std_across_seeds": float(np.mean([r["norm_rel_std"] for r in rs])),
-                     "t_mean": float(np.mean([r["t"] for r in rs if r["t"] is not None]))}
+    for s in insp.by_kind():
+        rs = [r for r in records if r["kind"] == s.kind]
+        if not rs:
+            continue
+        out[s.kind] = {"layers": len(rs), "angle_mean": s.angle_mean,
+                       "angle_range": [s.angle_min, s.angle_max],
+                       "angle_spread_mean": s.spread_mean, "t_median": s.t_median,
+                       "rel_norm_median": s.rel_norm_median,
+                       "angle_std_across_pairs": float(np.mean([r["angle_std"] for r in rs])),
+                       "norm_rel_std_across_seeds": float(np.mean([r["norm_rel_std"]
+                                                                   for r in rs]))}
     return out
 
 
 def model_angle(report: MergeReport) -> float:
-    """Angle (deg) between whole-model task vectors of a 2-model merge, from per-layer Gram
-    entries (<d1,d2> = cos |d1| |d2| summed over layers)."""
+    """Angle (deg) between the whole-model task vectors of a 2-model merge, from its report's
+    per-layer fields (<d1,d2> = cos |d1| |d2|, summed over layers)."""
     dot = sq1 = sq2 = 0.0
     for layer in report.layers:
         if layer.pair_cos is None or layer.norms is None or len(layer.norms) != 2:

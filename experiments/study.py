@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modelstock.geometry import inspect_checkpoints
+
 from . import geometry, plots
 from .evaluation import EvalSuite, format_table, make_splits
 from .finetune import ROOT, TrainConfig, finetune, load_snapshot, snapshot_path
@@ -40,7 +42,9 @@ REGIMES: dict[str, TrainConfig] = {
     "noisy": TrainConfig(lr=1e-4, token_dropout=0.1),
     "very-noisy": TrainConfig(lr=3e-4, token_dropout=0.2),
 }
-WISE_ALPHAS = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+WISE_ALPHAS = (0.2, 0.4, 0.5, 0.7, 0.9)
+N_SUBSETS = 3  # Model Stock / uniform average of N = 3 and 4: this many random subsets each
+EPOCH_SEEDS = 4  # result vs training length: the first 4 seeds at every snapshot
 # Periodic Model Stock: (period, unit) pairs; the paper merges every epoch.
 PERIODS = ((1, "epoch"), (10, "step"))
 
@@ -60,7 +64,7 @@ class Context:
         self.cfg, self.root = cfg, root
         self.tok = load_tokenizer()
         self.splits = make_splits(topics or load_topics(), cfg.sizes)
-        sets = {k: self.splits[k] for k in ("test", "val", *OOD_TOPICS)}
+        sets = {k: self.splits[k] for k in ("test", *OOD_TOPICS)}  # val: greedy soup only
         self.suite = EvalSuite(self.tok, sets)
         self.val_suite = EvalSuite(self.tok, {"val": self.splits["val"]})
         self.anchor_model = zero_shot_model(self.tok, cfg.n_layers)
@@ -175,7 +179,7 @@ def epoch_rows(ctx: Context, epoch: int, seeds: Sequence[int], full: bool) -> li
                        kind="uniform-soup", seeds=list(seeds), epoch=epoch))
     if not full:
         return rows
-    for n, limit in ((3, 4), (4, 4)):
+    for n, limit in ((3, N_SUBSETS), (4, N_SUBSETS)):
         for idx in subsets(len(seeds), n, limit, seed=n):
             grp = [seeds[i] for i in idx]
             rows.append(ev(f"{e}/ms{n}/{tag(grp)}",
@@ -239,7 +243,7 @@ def periodic_rows(ctx: Context, seeds: Sequence[int], epochs: Sequence[int],
 
 # -- summaries ----------------------------------------------------------------------------------
 def metric_names(ood: Sequence[str]) -> list[str]:
-    return ["id_acc", "id_bacc", "ood_acc", "ood_bacc", "val_acc",
+    return ["id_acc", "id_bacc", "ood_acc", "ood_bacc",
             *(f"{t}_{m}" for t in ood for m in ("acc", "bacc"))]
 
 
@@ -313,8 +317,8 @@ def stats(d: Sequence[float]) -> dict:
 def geometry_of(ctx: Context, epoch: int, seeds: Sequence[int]) -> dict:
     """Per-layer angles across all seed pairs, norms, t (from one k-model merge report)."""
     sds = [ctx.ft(s, epoch) for s in seeds]
-    _, report = merge(ctx.anchor, sds, "model-stock")
-    recs = geometry.layers(report)
+    insp = inspect_checkpoints(ctx.anchor, sds)
+    recs = geometry.layers(insp)
     pair_t = []
     for i, j in itertools.combinations(range(len(seeds)), 2):
         _, rep2 = merge(ctx.anchor, [sds[i], sds[j]], "model-stock")
@@ -324,7 +328,7 @@ def geometry_of(ctx: Context, epoch: int, seeds: Sequence[int]) -> dict:
                        "t_median": float(np.median(ts)),
                        "model_angle": geometry.model_angle(rep2)})
     return {"epoch": epoch, "seeds": list(seeds), "layers": recs,
-            "summary": geometry.summary(recs), "pairs": pair_t}
+            "summary": geometry.summary(insp, recs), "pairs": pair_t}
 
 
 def distance_points(ctx: Context, rows: Sequence[dict], epoch: int,
@@ -420,7 +424,7 @@ def analyze(ctx: Context, seeds: Sequence[int], out_dir: Path, name: str) -> dic
     comparison = pair_comparison(final_rows)
     by_epoch = {}
     for epoch in [e for e in cfg.snapshots if e <= final]:
-        have = [s for s in seeds if ctx.has(s, epoch)]
+        have = [s for s in seeds[:EPOCH_SEEDS] if ctx.has(s, epoch)]
         if len(have) >= 2 and epoch != final:
             rows += epoch_rows(ctx, epoch, have, full=False)
         ep_rows = [r for r in rows if r.get("epoch") == epoch]
@@ -505,15 +509,19 @@ def write_tables(out_dir: Path, result: dict) -> None:
         cells = [f"{100 * fam[k]['id_acc']:.2f} / {100 * fam[k]['ood_acc']:.2f}" if k in fam
                  else "" for k in kinds]
         lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
-    lines += ["", "## Geometry (final epoch)", "",
+    lines += ["", "## Geometry (final epoch, all k fine-tunes; `modelstock.geometry`)", "",
               "| layer kind | layers | angle mean (deg) | angle range over layers | "
-              "std over pairs (deg) | norm rel. std over seeds | t mean (N=k) |",
-              "|---|---|---|---|---|---|---|"]
+              "std over pairs (deg) | norm rel. std over seeds | median \\|d\\|/\\|w0\\| | "
+              "median t (N=k) |",
+              "|---|---|---|---|---|---|---|---|"]
     for kind, g in result["geometry"]["summary"].items():
-        lines.append(f"| {kind} | {g['layers']} | {g['angle_mean']:.1f} | "
-                     f"{g['angle_range'][0]:.1f}-{g['angle_range'][1]:.1f} | "
+        lo, hi = g["angle_range"]
+        rng = "" if lo is None else f"{lo:.1f}-{hi:.1f}"
+        mean = "" if g["angle_mean"] is None else f"{g['angle_mean']:.1f}"
+        rel = "" if g["rel_norm_median"] is None else f"{g['rel_norm_median']:.4f}"
+        lines.append(f"| {kind} | {g['layers']} | {mean} | {rng} | "
                      f"{g['angle_std_across_pairs']:.2f} | {g['norm_rel_std_across_seeds']:.3f}"
-                     f" | {g['t_mean']:.3f} |")
+                     f" | {rel} | {g['t_median']:.3f} |")
     pairs = result["geometry"]["pairs"]
     lines += ["", f"Pairs (N=2): whole-model angle {min(p['model_angle'] for p in pairs):.1f}-"
               f"{max(p['model_angle'] for p in pairs):.1f} deg; median per-layer t "

@@ -20,7 +20,7 @@ def test_digits_miniature(tmp_path):
         cfg = digits.DigitsConfig(n_train=48, n_val=24, n_test=24, n_ood=8, epochs=1,
                                   snapshots=(1,), batch_size=16, lp_c=(1.0,))
         ctx = digits.DigitsContext(cfg, root=tmp_path)
-        assert set(ctx.suite.names) == {"test", "val", *digits.OOD_SETS}
+        assert set(ctx.suite.names) == {"test", *digits.OOD_SETS}
         assert ctx.sets["uci_digits"][0].shape[-1] == 8  # the 8x8 scans, upsampled on the fly
         runs = [ctx.finetune(s) for s in (0, 1)]
         assert runs[0] != runs[1]
