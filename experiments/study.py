@@ -400,6 +400,21 @@ def cmd_pilot(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def cmd_rows(args: argparse.Namespace) -> None:
+    """Evaluate (and cache) the rows of some epochs, so several processes can share the work;
+    ``analyze`` then finds them cached."""
+    ctx = Context(regime(args))
+    for epoch in args.epochs:
+        final = epoch == ctx.cfg.epochs
+        pool = args.seeds if final else args.seeds[:EPOCH_SEEDS]
+        seeds = [s for s in pool if ctx.has(s, epoch)]
+        print(f"rows of epoch {epoch}: seeds {seeds}", flush=True)
+        if len(seeds) >= 2:
+            epoch_rows(ctx, epoch, seeds, full=final)
+        print(f"  {ctx.evaluate.count} evaluations so far ({ctx.evaluate.seconds:.0f} s)",
+              flush=True)
+
+
 def cmd_analyze(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     ctx = Context(regime(args))
@@ -554,6 +569,11 @@ def main(argv: list[str] | None = None) -> None:
     o.add_argument("--epochs-cap", type=int, default=None,
                    help="also look for runs trained with --epochs N (short pilot runs)")
     o.set_defaults(func=cmd_pilot)
+    r = sub.add_parser("rows", help="evaluate the rows of some epochs (to split the work)")
+    r.add_argument("--regime", choices=REGIMES, default="noisy")
+    r.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
+    r.add_argument("--epochs", type=int, nargs="+", required=True)
+    r.set_defaults(func=cmd_rows)
     a = sub.add_parser("analyze", help="merges, geometry, tables, plots for a regime")
     a.add_argument("--regime", choices=REGIMES, default="noisy")
     a.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
