@@ -404,7 +404,7 @@ def cmd_rows(args: argparse.Namespace) -> None:
     """Evaluate (and cache) the rows of some epochs, so several processes can share the work;
     ``analyze`` then finds them cached."""
     ctx = Context(regime(args))
-    for epoch in args.epochs:
+    for epoch in args.at:
         final = epoch == ctx.cfg.epochs
         pool = args.seeds if final else args.seeds[:EPOCH_SEEDS]
         seeds = [s for s in pool if ctx.has(s, epoch)]
@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("rows", help="evaluate the rows of some epochs (to split the work)")
     r.add_argument("--regime", choices=REGIMES, default="noisy")
     r.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
-    r.add_argument("--epochs", type=int, nargs="+", required=True)
+    r.add_argument("--at", type=int, nargs="+", required=True, help="snapshot epochs")
     r.set_defaults(func=cmd_rows)
     a = sub.add_parser("analyze", help="merges, geometry, tables, plots for a regime")
     a.add_argument("--regime", choices=REGIMES, default="noisy")
