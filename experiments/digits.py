@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     start = time.perf_counter()
     seeds = [s for s in args.seeds if ctx.has(s, cfg.epochs)]
-    result = study.analyze(ctx, seeds, RESULTS, "digits")
+    result = study.analyze(ctx, seeds, RESULTS, "digits", length_epochs=(1, 3, cfg.epochs))
     print(study.format_table(result["table"], extra=("cost", "count"), ood=OOD_SETS))
     print(f"evaluations: {ctx.evaluate.count} ({ctx.evaluate.seconds:.0f} s); "
           f"analyze took {time.perf_counter() - start:.0f} s")

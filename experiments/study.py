@@ -428,8 +428,10 @@ def cmd_analyze(args: argparse.Namespace) -> None:
           f"analyze took {time.perf_counter() - start:.0f} s")
 
 
-def analyze(ctx: Context, seeds: Sequence[int], out_dir: Path, name: str) -> dict:
-    """Every row, the summaries, geometry and plots for finished fine-tunes ``seeds``."""
+def analyze(ctx: Context, seeds: Sequence[int], out_dir: Path, name: str,
+            length_epochs: Sequence[int] | None = None) -> dict:
+    """Every row, the summaries, geometry and plots for finished fine-tunes ``seeds``
+    (result vs training length at ``length_epochs``, default every snapshot)."""
     cfg, final = ctx.cfg, ctx.cfg.epochs
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = epoch_rows(ctx, final, seeds, full=True)
@@ -438,7 +440,7 @@ def analyze(ctx: Context, seeds: Sequence[int], out_dir: Path, name: str) -> dic
     table = family_table(final_rows, ctx.ood)
     comparison = pair_comparison(final_rows)
     by_epoch = {}
-    for epoch in [e for e in cfg.snapshots if e <= final]:
+    for epoch in [e for e in (length_epochs or cfg.snapshots) if e <= final]:
         have = [s for s in seeds[:EPOCH_SEEDS] if ctx.has(s, epoch)]
         if len(have) >= 2 and epoch != final:
             rows += epoch_rows(ctx, epoch, have, full=False)
