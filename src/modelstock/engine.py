@@ -8,11 +8,12 @@ read twice, chunk by chunk (a Gram pass, then an output pass).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -91,6 +92,7 @@ class LayerPlan:
     out_dtype: torch.dtype
     rule: str
     anchored: bool = False  # merged towards the anchor by the method's ratio t
+    from_anchor: bool = False  # a copy taken from the anchor rather than the fine-tunes
     note: str | None = None
 
     @property
@@ -116,8 +118,14 @@ def plan_merge(anchor: Reader, models: Sequence[Reader], opts: MergeOptions) -> 
                               f"got {len(models)}")
     if opts.weights is not None and len(opts.weights) != len(models):
         raise ModelStockError(f"{len(opts.weights)} weights for {len(models)} models")
+    buffers_from_anchor = []
     for m in models:
         missing = [k for k in anchor.infos if k not in m.infos]
+        # An integer buffer only the anchor has (e.g. position_ids, which some versions of
+        # transformers do not save) is carried over from the anchor; a weight is an error.
+        buffers = [k for k in missing if not anchor.infos[k].dtype.is_floating_point]
+        buffers_from_anchor += [k for k in buffers if k not in buffers_from_anchor]
+        missing = [k for k in missing if k not in buffers]
         if missing:
             few = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
             raise ModelStockError(f"missing {len(missing)} tensor(s) that the anchor "
@@ -139,8 +147,18 @@ def plan_merge(anchor: Reader, models: Sequence[Reader], opts: MergeOptions) -> 
         few = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
         plan.warnings.append(f"{len(extra)} tensor(s) are not in the anchor and were averaged "
                              f"(no anchor to merge towards): {few}")
+    if buffers_from_anchor:
+        plan.warnings.append(f"{len(buffers_from_anchor)} integer buffer(s) missing from some "
+                             f"fine-tunes were taken from the anchor: "
+                             f"{', '.join(buffers_from_anchor[:5])}")
     for name in names:
-        plan.layers.append(_plan_layer(name, anchor, models, opts))
+        if name in buffers_from_anchor:
+            info = anchor.infos[name]
+            plan.layers.append(LayerPlan(name, info.shape, info.dtype, "copy",
+                                         from_anchor=True, note="missing from a fine-tune; "
+                                         "taken from the anchor"))
+        else:
+            plan.layers.append(_plan_layer(name, anchor, models, opts))
     return plan
 
 
@@ -382,7 +400,7 @@ class Merger:
     def write_simple(self, p: LayerPlan) -> LayerReport:
         rep = LayerReport(p.name, list(p.shape), p.rule, str(p.out_dtype).removeprefix("torch."),
                           note=p.note)
-        readers = [self.anchor] if p.rule == "anchor" else self.models
+        readers = [self.anchor] if (p.rule == "anchor" or p.from_anchor) else self.models
         dt = self._compute_dtype(p.name)
         differs = False
         for s, e in chunk_ranges(p.numel, self.opts.chunk_numel):
@@ -439,6 +457,25 @@ class Merger:
         return reports
 
 
+@contextlib.contextmanager
+def worker_pool(opts: MergeOptions) -> Iterator[Executor | None]:
+    """Worker threads for the CPU kernels (None for one thread or a GPU), with one intra-op
+    torch thread meanwhile: OpenMP teams spin-wait, which collapses on a busy machine."""
+    on_cpu = str(opts.device) == "cpu"
+    threads = opts.threads or min(4, os.cpu_count() or 1) if on_cpu else 1
+    before = torch.get_num_threads()
+    if on_cpu:
+        torch.set_num_threads(1)
+    try:
+        if threads > 1:
+            with ThreadPoolExecutor(threads, thread_name_prefix="modelstock") as pool:
+                yield pool
+        else:
+            yield None
+    finally:
+        torch.set_num_threads(before)
+
+
 def merge_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions,
                   make_sink: Callable[[MergePlan], object],
                   progress: bool = False) -> tuple[object, MergeReport]:
@@ -449,18 +486,11 @@ def merge_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions,
     total = sum(p.numel for p in plan.layers)
     if opts.granularity == "model" and opts.method == "model-stock":
         total += sum(p.numel for p in plan.layers if p.anchored)
-    threads = 1 if str(opts.device) != "cpu" else (opts.threads or min(4, os.cpu_count() or 1))
-    torch_threads = torch.get_num_threads()
-    # One intra-op thread per worker: OpenMP teams spin-wait, which collapses on a busy machine.
-    torch.set_num_threads(1) if threads > 1 else None
-    try:
-        with tqdm(total=total, disable=None if progress else True, unit="param", unit_scale=True,
-                  file=sys.stderr, desc="merging", dynamic_ncols=True) as bar, \
-                ThreadPoolExecutor(threads, thread_name_prefix="modelstock") as pool:
-            merger = Merger(anchor, models, opts, sink, bar.update, pool if threads > 1 else None)
-            layers = merger.run(plan)
-    finally:
-        torch.set_num_threads(torch_threads)
+    with worker_pool(opts) as pool, \
+            tqdm(total=total, disable=None if progress else True, unit="param",
+                 unit_scale=True, file=sys.stderr, desc="merging", dynamic_ncols=True) as bar:
+        merger = Merger(anchor, models, opts, sink, bar.update, pool)
+        layers = merger.run(plan)
     report = MergeReport(method=opts.method, n_models=len(models), granularity=opts.granularity,
                          clamp=opts.clamp, layers=layers, alpha=opts.alpha,
                          weights=None if opts.weights is None else list(opts.weights),
