@@ -10,7 +10,6 @@ which must fail with a clear error: they write it to ``error<rank>.txt``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
