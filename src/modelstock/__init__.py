@@ -8,6 +8,7 @@ from .checkpoint import open_checkpoint  # noqa: E402
 from .engine import MergeOptions  # noqa: E402
 from .errors import ModelStockError  # noqa: E402
 from .report import LayerReport, MergeReport  # noqa: E402
+from .soups import greedy_soup  # noqa: E402
 from .stock import model_stock, stock_ratio  # noqa: E402
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "MergeOptions",
     "MergeReport",
     "ModelStockError",
+    "greedy_soup",
     "merge_checkpoints",
     "merge_state_dicts",
     "model_stock",

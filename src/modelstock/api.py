@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -70,13 +70,17 @@ def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.Pa
                       options: MergeOptions | None = None, *,
                       shard_size: int | None = DEFAULT_SHARD_BYTES, force: bool = False,
                       trust_pickle: bool = False, strip_prefix: str | None = None,
-                      progress: bool = False, **kwargs) -> MergeReport:
+                      progress: bool = False,
+                      annotate: Callable[[MergeReport], None] | None = None,
+                      **kwargs) -> MergeReport:
     """Merge checkpoints into ``out``: a directory that Hugging Face ``from_pretrained`` and
     ``safetensors.torch.load_file`` read (or one ``.safetensors`` file if ``out`` ends so).
 
     The directory gets the (sharded) weights, the anchor's config and tokenizer files, a model
     card and ``modelstock_report.json``. It is built in a temporary sibling and renamed into
     place when complete; an existing ``out`` is replaced only with ``force=True``.
+    ``annotate(report)`` may add to the report before it is written (a greedy soup records its
+    selection there).
     """
     opts = _options(options, kwargs)
     out = Path(out)
@@ -85,6 +89,10 @@ def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.Pa
     names = [a.path, *(m.path for m in ms)]
     recipe = {"method": opts.method, "granularity": opts.granularity, "clamp": opts.clamp,
               "alpha": opts.alpha, "average": list(opts.average),
+              **({} if opts.weights is None else {"weights": list(opts.weights),
+                                                  "normalize": opts.normalize}),
+              **({} if opts.compute_dtype is None
+                 else {"compute_dtype": str(opts.compute_dtype).removeprefix("torch.")}),
               "keep_anchor": list(opts.keep_anchor),
               "dtype": None if opts.dtype is None else str(opts.dtype).removeprefix("torch."),
               "anchor": names[0], "models": names[1:], "modelstock_version": __version__}
@@ -108,6 +116,8 @@ def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.Pa
                 raise
             report.output_bytes = sink.total_bytes
             report.seconds = time.perf_counter() - start
+            if annotate is not None:
+                annotate(report)
             if not sink.single_file:
                 if isinstance(anchor, str | os.PathLike) and Path(anchor).is_dir():
                     copy_anchor_files(Path(anchor), tmp, opts.dtype)

@@ -108,7 +108,8 @@ def _state_dict_of(path: str, obj) -> dict[str, torch.Tensor]:
             raise ModelStockError(f"expected a state dict, found {type(obj).__name__}", path)
         if any(isinstance(v, torch.Tensor) for v in obj.values()):
             return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping | torch.nn.Module)), None)
+        inner = next((obj[k] for k in WRAPPER_KEYS
+                      if isinstance(obj.get(k), Mapping | torch.nn.Module)), None)
         if inner is None:
             break
         obj = inner

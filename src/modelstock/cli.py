@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import signal
 import sys
@@ -98,17 +99,44 @@ def main() -> None:
     """
 
 
+def _weights(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(float(w) for w in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers, e.g. "
+                                 "0.7,0.3") from None
+
+
+# Flags that say what to compute; a --config file says that instead.
+RECIPE_FLAGS = ("method", "alpha", "weights", "granularity", "dtype", "score")
+
+
 @main.command()
-@click.argument("anchor", type=click.Path(exists=False, dir_okay=True))
-@click.argument("models", nargs=-1, required=True, type=click.Path(exists=False))
+@click.argument("anchor", required=False, type=click.Path(exists=False, dir_okay=True))
+@click.argument("models", nargs=-1, required=False, type=click.Path(exists=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="Output directory (Hugging Face layout), or a path ending in .safetensors "
                    "for one file.")
-@click.option("--method", type=click.Choice(METHODS), default="model-stock", show_default=True,
+@click.option("--config", "config", type=click.Path(exists=False, dir_okay=False),
+              default=None, metavar="FILE.yml",
+              help="A mergekit YAML (merge_method model_stock, linear or average) instead of "
+                   "ANCHOR, MODELs and the recipe flags.")
+@click.option("--method", type=click.Choice((*METHODS, "greedy")), default="model-stock",
+              show_default=True,
               help="model-stock: the paper's rule. uniform: plain mean of the MODELs (a uniform "
-                   "soup). wise-ft: ANCHOR + alpha (mean(MODELs) - ANCHOR).")
+                   "soup). wise-ft: ANCHOR + alpha (mean(MODELs) - ANCHOR). linear: weighted "
+                   "mean of the MODELs (--weights; mergekit's linear). greedy: greedy soup, "
+                   "the mean of the MODELs that --score keeps.")
 @click.option("--alpha", type=float, default=None,
               help="Interpolation weight for --method wise-ft (0 = anchor, 1 = fine-tunes).")
+@click.option("--weights", callback=_weights, default=None, metavar="W1,W2,...",
+              help="One weight per MODEL for --method linear (normalized to sum to 1).")
+@click.option("--score", default=None, metavar="MODULE:FUNCTION",
+              help="For --method greedy: a function (importable module, or path/to/file.py) "
+                   "called with a candidate state dict, returning the held-out score to "
+                   "maximise.")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="tensor",
               show_default=True,
               help="One ratio per tensor (the paper), per output row (like mergekit's "
@@ -139,9 +167,10 @@ def main() -> None:
 @click.option("-f", "--force", is_flag=True,
               help="Replace an existing output (only once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def merge(anchor, models, out, method, alpha, granularity, no_clamp, average, keep_anchor,
-          dtype, shard_size, chunk_size, strip_prefix, trust_pickle, allow_nonfinite, device,
-          force, quiet):
+@click.pass_context
+def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granularity,
+          no_clamp, average, keep_anchor, dtype, shard_size, chunk_size, strip_prefix,
+          trust_pickle, allow_nonfinite, device, force, quiet):
     """Merge fine-tuned MODELs with their pretrained ANCHOR into OUT.
 
     ANCHOR is the pretrained model the fine-tunes started from (with the head they started
@@ -154,16 +183,50 @@ def merge(anchor, models, out, method, alpha, granularity, no_clamp, average, ke
       modelstock merge ./base ./ft-seed0 ./ft-seed1 -o ./merged
       modelstock merge base.pt ft0.pt ft1.pt ft2.pt -o merged.safetensors --strip-prefix module.
       modelstock merge ./base ./ft0 ./ft1 -o ./wise --method wise-ft --alpha 0.5
+      modelstock merge ./base ./ft0 ./ft1 ./ft2 -o ./soup --method greedy --score evals:accuracy
+      modelstock merge --config merge.yml -o ./merged
     """
+    if config is not None:
+        if anchor is not None:
+            raise click.UsageError("--config names the models; give no ANCHOR or MODEL")
+        given = [f"--{n}" for n in RECIPE_FLAGS
+                 if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{given[0]} cannot be combined with --config (the file "
+                                   "gives the recipe)")
+    elif anchor is None or not models:
+        raise click.UsageError("give ANCHOR and at least one MODEL, or --config FILE.yml")
+    if (method == "greedy") != (score is not None):
+        raise click.UsageError("--score is required by, and only used by, --method greedy")
+    if method == "greedy" and weights is not None:
+        raise click.UsageError("--weights: a greedy soup is the plain mean of the kept models")
+    io_kw = {"shard_size": shard_size, "force": force, "trust_pickle": trust_pickle,
+          "strip_prefix": strip_prefix, "progress": not quiet}
+    engine = {"chunk_numel": chunk_size, "allow_nonfinite": allow_nonfinite, "device": device}
 
     def job():
-        opts = MergeOptions(method=method, granularity=granularity, clamp=not no_clamp,
-                            alpha=alpha, average=average, keep_anchor=keep_anchor, dtype=dtype,
-                            chunk_numel=chunk_size, allow_nonfinite=allow_nonfinite,
-                            device=device)
-        report = merge_checkpoints(anchor, models, out, opts, shard_size=shard_size,
-                                   force=force, trust_pickle=trust_pickle,
-                                   strip_prefix=strip_prefix, progress=not quiet)
+        nonlocal anchor, models
+        if config is not None:
+            from .config import load_config
+
+            cfg = load_config(config)
+            anchor, models = cfg.anchor, cfg.models
+            opts = dataclasses.replace(cfg.options, clamp=not no_clamp, average=average,
+                                       keep_anchor=keep_anchor, **engine)
+            report = merge_checkpoints(anchor, models, out, opts, **io_kw)
+        elif method == "greedy":
+            from .soups import greedy_soup_checkpoints, load_score
+
+            report = greedy_soup_checkpoints(anchor, models, out, load_score(score),
+                                             alpha=alpha,
+                                             clamp=not no_clamp, average=average,
+                                             keep_anchor=keep_anchor, dtype=dtype, **engine,
+                                             **io_kw)
+        else:
+            opts = MergeOptions(method=method, granularity=granularity, clamp=not no_clamp,
+                                alpha=alpha, weights=weights, average=average,
+                                keep_anchor=keep_anchor, dtype=dtype, **engine)
+            report = merge_checkpoints(anchor, models, out, opts, **io_kw)
         if not quiet:
             click.echo(report.summary() + f"\nwritten      {out}", err=True)
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -22,28 +24,36 @@ from .checkpoint import Reader
 from .errors import ModelStockError
 from .report import LayerReport, MergeReport
 
-METHODS = ("model-stock", "uniform", "wise-ft")
+METHODS = ("model-stock", "uniform", "wise-ft", "linear")
 GRANULARITIES = ("tensor", "row", "model")
 BATCHNORM_STATS = ("running_mean", "running_var")
 DEFAULT_CHUNK_NUMEL = 1 << 24  # 64 MiB of float32 per input per chunk
+PIECE_NUMEL = 1 << 20  # unit of work handed to a worker thread
 
 
 @dataclass(frozen=True)
 class MergeOptions:
     """How to merge. ``method``: ``model-stock`` (the paper), ``uniform`` (a uniform soup: plain
-    mean of the fine-tunes) or ``wise-ft`` (``w0 + alpha (mean(w_i) - w0)``). ``average`` and
-    ``keep_anchor`` are glob patterns over tensor names that force those rules."""
+    mean of the fine-tunes), ``wise-ft`` (``w0 + alpha (mean(w_i) - w0)``) or ``linear``
+    (``sum_i weights[i] w_i``, divided by ``sum(weights)`` if ``normalize``: mergekit's linear; the
+    anchor only gives the layout). ``average`` and ``keep_anchor`` are glob patterns over tensor
+    names that force those rules. ``compute_dtype=torch.float64`` runs the arithmetic in float64
+    even for lower-precision inputs (it is never below float32)."""
 
     method: str = "model-stock"
     granularity: str = "tensor"
     clamp: bool = True
     alpha: float | None = None
+    weights: tuple[float, ...] | None = None
+    normalize: bool = True
     average: tuple[str, ...] = ()
     keep_anchor: tuple[str, ...] = ()
     dtype: torch.dtype | None = None
+    compute_dtype: torch.dtype | None = None
     chunk_numel: int = DEFAULT_CHUNK_NUMEL
     allow_nonfinite: bool = False
     device: str = "cpu"
+    threads: int | None = None  # worker threads on CPU (default: up to 4, one per core)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -55,6 +65,17 @@ class MergeOptions:
             raise ModelStockError("alpha is required by, and only used by, method wise-ft")
         if self.alpha is not None and not math.isfinite(self.alpha):
             raise ModelStockError(f"alpha must be a finite number, got {self.alpha}")
+        if (self.method == "linear") != (self.weights is not None):
+            raise ModelStockError("weights are required by, and only used by, method linear")
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+            if not all(math.isfinite(w) for w in self.weights):
+                raise ModelStockError(f"weights must be finite numbers, got {list(self.weights)}")
+            if self.normalize and sum(self.weights) == 0:
+                raise ModelStockError("weights sum to 0: cannot normalize (set normalize=False)")
+        if self.compute_dtype not in (None, torch.float32, torch.float64):
+            raise ModelStockError(f"compute dtype must be float32 or float64, "
+                                  f"got {self.compute_dtype}")
         if self.chunk_numel < 1:
             raise ModelStockError("chunk_numel must be positive")
         if self.dtype is not None and not self.dtype.is_floating_point:
@@ -93,6 +114,8 @@ def plan_merge(anchor: Reader, models: Sequence[Reader], opts: MergeOptions) -> 
     if len(models) < minimum:
         raise ModelStockError(f"{opts.method} needs at least {minimum} fine-tuned models, "
                               f"got {len(models)}")
+    if opts.weights is not None and len(opts.weights) != len(models):
+        raise ModelStockError(f"{len(opts.weights)} weights for {len(models)} models")
     for m in models:
         missing = [k for k in anchor.infos if k not in m.infos]
         if missing:
@@ -153,6 +176,8 @@ def _plan_layer(name: str, anchor: Reader, models: Sequence[Reader],
         plan.rule, plan.note = "average", "not in the anchor"
     elif name.rsplit(".", 1)[-1] in BATCHNORM_STATS:
         plan.rule, plan.note = "average", "BatchNorm running statistic"
+    elif opts.method == "linear":
+        plan.rule = "linear"
     else:
         plan.rule = {"model-stock": "model_stock", "uniform": "average",
                      "wise-ft": "wise_ft"}[opts.method]
@@ -185,10 +210,23 @@ class Merger:
     """Runs a `MergePlan`: reads chunks, applies each layer's rule, writes to ``sink``."""
 
     def __init__(self, anchor: Reader, models: Sequence[Reader], opts: MergeOptions,
-                 sink, progress: Callable[[int], object] | None = None) -> None:
+                 sink, progress: Callable[[int], object] | None = None,
+                 pool: Executor | None = None) -> None:
         self.anchor, self.models, self.opts, self.sink = anchor, list(models), opts, sink
         self.progress = progress or (lambda n: None)
         self.n = len(self.models)
+        self.pool = pool
+
+    def _map(self, fn: Callable, items: Sequence) -> list:
+        """Run ``fn`` over ``items`` on the worker threads (torch releases the GIL), in order."""
+        if self.pool is None or len(items) < 2:
+            return [fn(x) for x in items]
+        return list(self.pool.map(fn, items))
+
+    @staticmethod
+    def _pieces(s: int, e: int, row: int | None) -> list[tuple[int, int]]:
+        """Sub-ranges of [s, e) for the workers, relative to s, holding whole rows."""
+        return chunk_ranges(e - s, PIECE_NUMEL, row) if e > s else [(0, 0)]
 
     # -- reading -----------------------------------------------------------------------------
     def _read(self, reader: Reader, name: str, s: int, e: int) -> torch.Tensor:
@@ -201,13 +239,12 @@ class Merger:
 
     def _compute_dtype(self, name: str) -> torch.dtype:
         return stock.compute_dtype_for(*(r.infos[name].dtype for r in [self.anchor, *self.models]
-                                         if name in r.infos))
+                                         if name in r.infos), self.opts.compute_dtype)
 
-    def _deltas(self, p: LayerPlan, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dt = self._compute_dtype(p.name)
-        w0 = self._read(self.anchor, p.name, s, e).to(dt)
-        d = stock.task_vectors(w0, [self._read(m, p.name, s, e) for m in self.models], dt)
-        return w0, d
+    def _chunks(self, p: LayerPlan, s: int, e: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The anchor's and the models' elements [s, e) of tensor ``p``."""
+        return (self._read(self.anchor, p.name, s, e),
+                [self._read(m, p.name, s, e) for m in self.models])
 
     def _row_numel(self, p: LayerPlan) -> int | None:
         if self.opts.granularity != "row" or self.opts.method != "model-stock":
@@ -246,28 +283,32 @@ class Merger:
 
     # -- anchored layers (model_stock, wise_ft, average of a uniform soup) ----------------------
     def layer_gram(self, p: LayerPlan, keep: bool = True, count: bool = False):
-        """Gram matrix of the task vectors ([N,N], or [R,N,N] per row); the task vectors too when
-        the tensor fits in one chunk and ``keep`` (so the output pass need not re-read them)."""
+        """Gram matrix of the task vectors ([N,N], or [R,N,N] per row) and, when the tensor fits
+        in one chunk and ``keep``, ``sum_i d_i`` (so the output pass need not re-read inputs)."""
         row = self._row_numel(p)
         ranges = chunk_ranges(p.numel, self.opts.chunk_numel, row)
-        grams, cached = [], None
+        dt = self._compute_dtype(p.name)
+        total = torch.empty(p.numel, dtype=dt, device=self.opts.device) \
+            if keep and len(ranges) == 1 else None
+        grams = []
         for s, e in ranges:
-            w0, d = self._deltas(p, s, e)
-            if self.opts.allow_nonfinite:
-                d_stats = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
-            else:
-                d_stats = d
-            grams.append(stock.gram(d_stats, row))
+            w0, ws = self._chunks(p, s, e)
+
+            def piece(r: tuple[int, int], s=s, w0=w0, ws=ws) -> torch.Tensor:
+                a, b = r
+                tot = None if total is None else total[s + a : s + b]
+                return stock.chunk_stats(w0[a:b], [w[a:b] for w in ws], dt, row, tot,
+                                         self.opts.allow_nonfinite)
+
+            grams.extend(self._map(piece, self._pieces(s, e, row)))
             if count:
                 self.progress(e - s)
-            if keep and len(ranges) == 1:
-                cached = (w0, d)
-            elif len(ranges) > 1:
+            if total is None:
                 self._release(p.name, s, e)
         g = torch.cat(grams) if row else sum(grams[1:], grams[0])
         if not torch.isfinite(g).all():
             raise self._nonfinite(p, [self.anchor, *self.models])
-        return g, cached
+        return g, total
 
     def ratio(self, p: LayerPlan, g: torch.Tensor) -> tuple[torch.Tensor, LayerReport]:
         """The ratio ``t`` for a layer (scalar or per row) and its report entry."""
@@ -307,21 +348,35 @@ class Merger:
             rep.note = f"task vector of model(s) {zero} is zero (pair cos = 0)"
         return rep
 
-    def write_anchored(self, p: LayerPlan, t: torch.Tensor, cached=None) -> None:
+    def write_anchored(self, p: LayerPlan, t: torch.Tensor,
+                       total: torch.Tensor | None = None) -> None:
+        """Write ``w0 + t mean_i(d_i)``, re-reading the inputs unless ``total`` is given."""
         row = self._row_numel(p)
         ranges = chunk_ranges(p.numel, self.opts.chunk_numel, row)
         check = self._output_may_overflow(p, float(t.min()), float(t.max()))
+        dt = self._compute_dtype(p.name)
+        scale = t / self.n
         for s, e in ranges:
-            w0, d = cached if cached is not None else self._deltas(p, s, e)
-            t_chunk = t[s // row : e // row] if (row and t.ndim) else t
-            out = stock.apply_ratio(w0, d, t_chunk, p.out_dtype, row)
+            w0, ws = self._chunks(p, s, e)
+            out = torch.empty(e - s, dtype=p.out_dtype, device=self.opts.device)
+
+            def piece(r: tuple[int, int], s=s, w0=w0, ws=ws, out=out) -> None:
+                a, b = r
+                if total is None:
+                    tot = torch.empty(b - a, dtype=dt, device=self.opts.device)
+                    stock.chunk_stats(w0[a:b], [w[a:b] for w in ws], dt, row, tot,
+                                      with_gram=False)
+                else:
+                    tot = total[s + a : s + b]
+                sc = scale[(s + a) // row : (s + b) // row] if (row and scale.ndim) else scale
+                stock.combine(w0[a:b], tot, sc, out[a:b], row)
+
+            self._map(piece, self._pieces(s, e, row))
             if check:
                 self._check_output(p, out, [self.anchor, *self.models], float(t.mean()))
             self.sink.write(p.name, out)
             self.progress(e - s)
-            if len(ranges) > 1:
-                self._release(p.name, s, e)
-        self._release(p.name)
+            self._release(p.name, s, e)
 
     # -- other rules -------------------------------------------------------------------------
     def write_simple(self, p: LayerPlan) -> LayerReport:
@@ -337,8 +392,9 @@ class Merger:
                 differs = differs or any(not torch.equal(out, c) for c in chunks[1:])
             elif p.rule == "anchor":
                 out = chunks[0].to(p.out_dtype)
-            else:
-                out = stock.average(chunks, p.out_dtype, dt)
+            else:  # average or linear; with weights (method linear) a weighted mean
+                out = stock.average(chunks, p.out_dtype, dt, self.opts.weights,
+                                    self.opts.normalize)
             if p.out_dtype.is_floating_point:
                 self._check_output(p, out, readers)
             self.sink.write(p.name, out)
@@ -356,9 +412,9 @@ class Merger:
         reports: list[LayerReport] = []
         for p in plan.layers:
             if p.anchored:
-                g, cached = self.layer_gram(p)
+                g, total = self.layer_gram(p)
                 t, rep = self.ratio(p, g)
-                self.write_anchored(p, t, cached)
+                self.write_anchored(p, t, total)
                 reports.append(rep)
             else:
                 reports.append(self.write_simple(p))
@@ -393,12 +449,22 @@ def merge_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions,
     total = sum(p.numel for p in plan.layers)
     if opts.granularity == "model" and opts.method == "model-stock":
         total += sum(p.numel for p in plan.layers if p.anchored)
-    with tqdm(total=total, disable=not progress, unit="param", unit_scale=True,
-              file=sys.stderr, desc="merging", dynamic_ncols=True) as bar:
-        merger = Merger(anchor, models, opts, sink, bar.update)
-        layers = merger.run(plan)
+    threads = 1 if str(opts.device) != "cpu" else (opts.threads or min(4, os.cpu_count() or 1))
+    torch_threads = torch.get_num_threads()
+    # One intra-op thread per worker: OpenMP teams spin-wait, which collapses on a busy machine.
+    torch.set_num_threads(1) if threads > 1 else None
+    try:
+        with tqdm(total=total, disable=not progress, unit="param", unit_scale=True,
+                  file=sys.stderr, desc="merging", dynamic_ncols=True) as bar, \
+                ThreadPoolExecutor(threads, thread_name_prefix="modelstock") as pool:
+            merger = Merger(anchor, models, opts, sink, bar.update, pool if threads > 1 else None)
+            layers = merger.run(plan)
+    finally:
+        torch.set_num_threads(torch_threads)
     report = MergeReport(method=opts.method, n_models=len(models), granularity=opts.granularity,
                          clamp=opts.clamp, layers=layers, alpha=opts.alpha,
+                         weights=None if opts.weights is None else list(opts.weights),
+                         normalize=None if opts.weights is None else opts.normalize,
                          anchor=anchor.path, models=[m.path for m in models],
                          warnings=list(plan.warnings))
     report.model_cos = getattr(merger, "global_cos", None)

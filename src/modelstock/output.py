@@ -12,9 +12,11 @@ import ctypes
 import errno
 import json
 import os
+import queue
 import secrets
 import shutil
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -45,6 +47,40 @@ def plan_shards(layers: Sequence[LayerPlan], max_bytes: int) -> list[list[LayerP
     return shards
 
 
+class BackgroundWriter:
+    """Run file writes, in order, on one background thread, so that computing the next chunk
+    overlaps writing the last; at most ``depth`` chunks wait. Errors surface on the next call."""
+
+    def __init__(self, depth: int = 3) -> None:
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="modelstock-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    job[0](*job[1])
+                except BaseException as e:  # re-raised in the caller's thread
+                    self._error = e
+
+    def submit(self, fn: Callable, *args) -> None:
+        self._raise()
+        self._queue.put((fn, args))
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Wait for every queued write; raise the first error any of them hit."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+
 class SafetensorsSink:
     """Stream merged tensors into one or more safetensors files (one open file at a time)."""
 
@@ -68,8 +104,13 @@ class SafetensorsSink:
         self._shard_of = {p.name: i for i, g in enumerate(groups) for p in g}
         self._current: tuple[int, SafetensorsWriter] | None = None
         self.total_bytes = sum(p.numel * p.out_dtype.itemsize for p in layers)
+        self._writer = BackgroundWriter()
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
+        """Queue a chunk for writing (the caller must not modify it afterwards)."""
+        self._writer.submit(self._write_now, name, chunk)
+
+    def _write_now(self, name: str, chunk: torch.Tensor) -> None:
         i = self._shard_of[name]
         if self._current is None or self._current[0] != i:
             if self._current is not None:
@@ -79,6 +120,7 @@ class SafetensorsSink:
         self._current[1].write(name, chunk)
 
     def close(self) -> None:
+        self._writer.close()
         if self._current is not None:
             self._current[1].close()
         for i, f in enumerate(self.files):  # shards holding only empty tensors
@@ -92,6 +134,8 @@ class SafetensorsSink:
             (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
+        with contextlib.suppress(BaseException):
+            self._writer.close()
         if self._current is not None:
             self._current[1].abort()
 

@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, field
 @dataclass
 class LayerReport:
     """One tensor's record. ``rule`` is one of ``model_stock``, ``average``, ``wise_ft``,
-    ``anchor``, ``copy``. ``cos`` is the mean pairwise cosine of the task vectors, ``t`` the ratio
-    applied (for ``granularity="row"``: the mean over rows, with ``t_min``/``t_max``)."""
+    ``linear``, ``anchor``, ``copy``. ``cos`` is the mean pairwise cosine of the task vectors,
+    ``t`` the ratio applied (for ``granularity="row"``: the mean over rows, with
+    ``t_min``/``t_max``)."""
 
     name: str
     shape: list[int]
@@ -33,7 +34,8 @@ class LayerReport:
 
 @dataclass
 class MergeReport:
-    """Everything a merge decided, JSON-ready (``modelstock_report.json``)."""
+    """Everything a merge decided, JSON-ready (``modelstock_report.json``). ``greedy`` records a
+    greedy soup's selection (see `modelstock.soups.greedy_soup`)."""
 
     method: str
     n_models: int
@@ -41,6 +43,9 @@ class MergeReport:
     clamp: bool
     layers: list[LayerReport] = field(default_factory=list)
     alpha: float | None = None
+    weights: list[float] | None = None
+    normalize: bool | None = None
+    greedy: dict | None = None
     anchor: str | None = None
     models: list[str] = field(default_factory=list)
     model_cos: float | None = None
@@ -67,7 +72,9 @@ class MergeReport:
         angles = [x.angle_deg for x in self.layers if x.angle_deg is not None]
         lines = [f"method       {self.method} (N={self.n_models}, granularity={self.granularity}"
                  f"{', clamp' if self.clamp else ', no clamp'}"
-                 f"{'' if self.alpha is None else f', alpha={self.alpha:g}'})",
+                 f"{'' if self.alpha is None else f', alpha={self.alpha:g}'}"
+                 f"{'' if self.weights is None else f', weights={self.weights}'}"
+                 f"{'' if not self.weights or self.normalize else ', not normalized'})",
                  "layers       " + ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))]
         if merged:
             ts = [x.t for x in merged]
@@ -79,5 +86,9 @@ class MergeReport:
             lines.append(f"output       {self.output_bytes / 1e9:.3f} GB")
         if self.seconds is not None:
             lines.append(f"time         {self.seconds:.1f} s")
+        if self.greedy:
+            for step in self.greedy["steps"]:
+                lines.append(f"greedy       {'kept' if step['kept'] else 'left'} "
+                             f"{step['model']}: soup score {step['score']:.6g}")
         lines += [f"warning      {w}" for w in self.warnings]
         return "\n".join(lines)

@@ -195,7 +195,7 @@ class SafetensorsReader:
 
 def header_bytes(entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None) -> bytes:
-    """The 8-byte length plus JSON header (space-padded to 8 bytes) for tensors laid out in order."""
+    """The 8-byte length and the JSON header (space-padded to 8 bytes) for tensors in order."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = metadata

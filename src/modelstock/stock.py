@@ -8,8 +8,9 @@ For one layer with anchor ``w0`` and fine-tunes ``w1..wN`` (Jang, Yun, Han, ECCV
     w_H = w0 + t (mean_i(w_i) - w0)
 
 Task vectors are formed in a float compute dtype (float32, or float64 for float64 inputs) and
-their dot products in float64. Everything here works on flat chunks so that the same code
-serves whole tensors, chunks of huge tensors, rows (``granularity="row"``) and whole models.
+their dot products accumulated in float64. Everything here works on flat chunks so that the same
+code serves whole tensors, chunks of huge tensors, rows (``granularity="row"``), whole models,
+post-hoc merging and merging during training.
 """
 
 from __future__ import annotations
@@ -18,50 +19,102 @@ from collections.abc import Sequence
 
 import torch
 
-# Elements per inner block: small enough that the float64 copy of N deltas stays in cache.
-BLOCK_NUMEL = 1 << 18
+# Elements per cache block in `chunk_stats`: the N task vectors of a block stay in cache.
+BLOCK_NUMEL = 1 << 16
+# Products are summed in the compute dtype over runs of this many elements, then in float64.
+PARTIAL_NUMEL = 4096
 # |1 + (N-1) cos| below this is treated as the formula's pole (see `stock_ratio`).
 SINGULAR_EPS = 1e-6
+_PROMOTING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def compute_dtype_for(*dtypes: torch.dtype) -> torch.dtype:
+def compute_dtype_for(*dtypes: torch.dtype | None) -> torch.dtype:
     """float32, unless an input is float64 (then float64: never compute below the inputs)."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def task_vectors(
-    anchor: torch.Tensor, models: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Stack ``w_i - w0`` for flat chunks of equal length into an ``[N, n]`` tensor of ``dtype``."""
+def task_vectors(anchor: torch.Tensor, models: Sequence[torch.Tensor],
+                 dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """``w_i - w0`` for flat chunks of equal length, as an ``[N, n]`` tensor of ``dtype``.
+
+    Inputs are converted exactly (16-bit floats widen without rounding), so for 16-bit weights
+    the task vectors themselves are exact in float32.
+    """
     w0 = anchor.to(dtype)
-    out = torch.empty((len(models), anchor.numel()), dtype=dtype, device=anchor.device)
+    if out is None:
+        out = torch.empty((len(models), anchor.numel()), dtype=dtype, device=anchor.device)
     for i, w in enumerate(models):
-        torch.sub(w.to(dtype), w0, out=out[i])
+        torch.sub(w if w.dtype in _PROMOTING else w.to(dtype), w0, out=out[i])
     return out
 
 
 def gram(deltas: torch.Tensor, row_numel: int | None = None) -> torch.Tensor:
     """Float64 Gram matrix ``<d_i, d_j>`` of ``[N, n]`` task vectors.
 
+    Products and their partial sums over runs of `PARTIAL_NUMEL` elements are taken in the
+    task vectors' dtype, then accumulated in float64: the relative error of each dot product
+    stays near float32's rounding (~1e-7) whatever the tensor's size, at float32 speed.
     With ``row_numel`` the chunk is read as rows of that many elements and one ``[N, N]`` matrix
-    is returned per row (shape ``[R, N, N]``). Products are taken in float64, block by block.
+    is returned per row (shape ``[R, N, N]``, products in float64).
     """
     n_models, numel = deltas.shape
-    if row_numel is None:
-        g = torch.zeros((n_models, n_models), dtype=torch.float64, device=deltas.device)
-        for start in range(0, numel, BLOCK_NUMEL):
-            block = deltas[:, start : start + BLOCK_NUMEL].to(torch.float64)
-            g += block @ block.T
-        return g
-    rows = numel // row_numel
-    g = torch.zeros((rows, n_models, n_models), dtype=torch.float64, device=deltas.device)
-    rows_per_block = max(1, BLOCK_NUMEL // max(row_numel, 1))
-    for r in range(0, rows, rows_per_block):
-        r_end = min(rows, r + rows_per_block)
-        block = deltas[:, r * row_numel : r_end * row_numel].to(torch.float64)
-        block = block.reshape(n_models, r_end - r, row_numel).transpose(0, 1)
-        g[r:r_end] = block @ block.transpose(1, 2)
+    if row_numel is not None:
+        rows = deltas.to(torch.float64).view(n_models, -1, row_numel).transpose(0, 1)
+        return rows @ rows.transpose(1, 2)
+    whole = numel - numel % PARTIAL_NUMEL
+    g = torch.zeros((n_models, n_models), dtype=torch.float64, device=deltas.device)
+    if whole:
+        runs = deltas[:, :whole].reshape(n_models, -1, PARTIAL_NUMEL).transpose(0, 1)
+        g += torch.bmm(runs, runs.transpose(1, 2)).sum(0, dtype=torch.float64)
+    if whole < numel:
+        tail = deltas[:, whole:].to(torch.float64)
+        g += tail @ tail.T
     return g
+
+
+def sum_models(deltas: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_i d_i`` of ``[N, n]`` task vectors (into ``out`` if given)."""
+    if out is None:
+        out = torch.empty_like(deltas[0])
+    if deltas.shape[0] == 1:
+        return out.copy_(deltas[0])
+    torch.add(deltas[0], deltas[1], out=out)
+    for d in deltas[2:]:
+        out += d
+    return out
+
+
+def chunk_stats(anchor: torch.Tensor, models: Sequence[torch.Tensor], dtype: torch.dtype,
+                row_numel: int | None = None, total: torch.Tensor | None = None,
+                ignore_nonfinite: bool = False, with_gram: bool = True) -> torch.Tensor | None:
+    """Gram matrix of a chunk's task vectors, computed block by block so that they stay in
+    cache; if ``total`` is given, it receives ``sum_i d_i`` (what the output needs).
+
+    ``ignore_nonfinite`` leaves NaN/Inf elements out of the Gram matrix (not out of ``total``).
+    Blocks hold whole rows when ``row_numel`` is given. ``with_gram=False`` only fills ``total``.
+    """
+    numel, n_models = anchor.numel(), len(models)
+    step = BLOCK_NUMEL if row_numel is None else max(1, BLOCK_NUMEL // row_numel) * row_numel
+    buf = torch.empty((n_models, min(step, numel)), dtype=dtype, device=anchor.device)
+    grams = []
+    for s in range(0, numel, step):
+        e = min(numel, s + step)
+        d = task_vectors(anchor[s:e], [w[s:e] for w in models], dtype, out=buf[:, : e - s])
+        if total is not None:
+            sum_models(d, out=total[s:e])
+        if not with_gram:
+            continue
+        if ignore_nonfinite:
+            d = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
+        grams.append(gram(d, row_numel))
+    if not with_gram:
+        return None
+    if row_numel is not None:
+        return torch.cat(grams) if grams else torch.zeros((0, n_models, n_models),
+                                                          dtype=torch.float64)
+    return sum(grams[1:], grams[0]) if grams else torch.zeros((n_models, n_models),
+                                                              dtype=torch.float64)
 
 
 def pairwise_cos(g: torch.Tensor) -> torch.Tensor:
@@ -104,37 +157,50 @@ def is_singular(cos: torch.Tensor | float, n: int) -> torch.Tensor:
     return (1.0 + (n - 1) * cos).abs() < SINGULAR_EPS
 
 
-def apply_ratio(
-    anchor: torch.Tensor,
-    deltas: torch.Tensor,
-    t: torch.Tensor | float,
-    out_dtype: torch.dtype,
-    row_numel: int | None = None,
-) -> torch.Tensor:
-    """``w0 + t mean_i(d_i)`` (= ``w0 + t (mean_i(w_i) - w0)``) for a flat chunk.
+def combine(anchor: torch.Tensor, total: torch.Tensor, scale: torch.Tensor | float,
+            out: torch.Tensor, row_numel: int | None = None) -> torch.Tensor:
+    """``out = w0 + scale * total`` in ``total``'s dtype, rounded once into ``out``'s dtype.
 
-    ``deltas`` is the ``[N, n]`` output of `task_vectors`; the arithmetic runs in its dtype.
-    ``t`` is a scalar, or one value per row of ``row_numel`` elements. The result is cast to
-    ``out_dtype`` once, at the very end.
+    With ``total = sum_i d_i`` and ``scale = t / N`` this is the Model Stock output
+    ``w0 + t (mean_i(w_i) - w0)``. ``scale`` is a scalar, or one value per row.
     """
-    w0 = anchor.to(deltas.dtype)
-    total = deltas.sum(dim=0)
+    scale = torch.as_tensor(scale, dtype=torch.float64)
+    if scale.ndim == 0:
+        return torch.add(anchor, total, alpha=float(scale), out=out)
+    rows = torch.addcmul(anchor.to(total.dtype).view(-1, row_numel),
+                         total.view(-1, row_numel),
+                         scale.to(total.dtype).to(total.device).unsqueeze(1))
+    return out.copy_(rows.view(-1))
+
+
+def apply_ratio(anchor: torch.Tensor, deltas: torch.Tensor, t: torch.Tensor | float,
+                out_dtype: torch.dtype, row_numel: int | None = None) -> torch.Tensor:
+    """``w0 + t mean_i(d_i)`` (= ``w0 + t (mean_i(w_i) - w0)``) for a flat chunk of ``[N, n]``
+    task vectors; ``t`` is a scalar or one value per row of ``row_numel`` elements."""
+    out = torch.empty(anchor.numel(), dtype=out_dtype, device=deltas.device)
     t = torch.as_tensor(t, dtype=torch.float64)
-    if t.ndim == 0:
-        out = torch.add(w0, total, alpha=float(t) / deltas.shape[0])
-    else:
-        scale = (t / deltas.shape[0]).to(deltas.dtype).to(deltas.device).unsqueeze(1)
-        out = torch.addcmul(w0.view(-1, row_numel), total.view(-1, row_numel), scale).view(-1)
-    return out.to(out_dtype)
+    return combine(anchor, sum_models(deltas), t / deltas.shape[0], out, row_numel)
 
 
 def average(models: Sequence[torch.Tensor], out_dtype: torch.dtype,
-            compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Plain mean of flat chunks (a uniform soup; BatchNorm statistics; keys with no anchor)."""
-    acc = models[0].to(compute_dtype, copy=True)
-    for w in models[1:]:
-        acc += w.to(compute_dtype)
-    acc /= len(models)
+            compute_dtype: torch.dtype = torch.float32, weights: Sequence[float] | None = None,
+            normalize: bool = True) -> torch.Tensor:
+    """Plain mean of flat chunks (a uniform soup; BatchNorm statistics; keys with no anchor).
+
+    With ``weights``: ``sum_i weights[i] models[i]``, divided by ``sum(weights)`` if
+    ``normalize`` (mergekit's ``linear``).
+    """
+    if weights is None:
+        acc = models[0].to(compute_dtype, copy=True)
+        for w in models[1:]:
+            acc += w.to(compute_dtype)
+        acc /= len(models)
+        return acc.to(out_dtype)
+    acc = torch.mul(models[0].to(compute_dtype), weights[0])
+    for x, w in zip(models[1:], weights[1:], strict=True):
+        acc.add_(x.to(compute_dtype), alpha=w)
+    if normalize:
+        acc /= sum(weights)
     return acc.to(out_dtype)
 
 

@@ -1,0 +1,225 @@
+"""Merge time and peak memory: modelstock vs mergekit vs the I/O floor, side by side.
+
+Builds synthetic Llama-shaped checkpoints (cached under --workdir), then runs, alternating, for
+--repeats rounds: our merge, mergekit's ``model_stock`` (when --mergekit-venv is given), and the
+I/O floor (read every input byte once + write an output of the same size). Each runs in its own
+process; wall time and that process's peak RSS are recorded. Prints medians and the ratios
+ours/floor and ours/mergekit, and checks that our output matches mergekit's to bf16 rounding.
+
+    python benchmarks/merge_bench.py --layers 22 --models 2 --dtype bfloat16 \
+        --mergekit-venv /work/mergekit-venv --repeats 3
+
+mergekit in its own virtualenv (it pins its own dependencies):
+    python3 -m venv /work/mergekit-venv
+    /work/mergekit-venv/bin/pip install torch==2.13.0   # the CPU build, from local disk
+    /work/mergekit-venv/bin/pip install mergekit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from modelstock.safetensors_io import SafetensorsReader, SafetensorsWriter  # noqa: E402
+
+HIDDEN, INTER, VOCAB = 2048, 5632, 32000
+
+
+def llama_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes of a TinyLlama-like model (full multi-head attention)."""
+    shapes = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [(p + f"self_attn.{n}_proj.weight", (HIDDEN, HIDDEN)) for n in "qkvo"]
+        shapes += [(p + "mlp.gate_proj.weight", (INTER, HIDDEN)),
+                   (p + "mlp.up_proj.weight", (INTER, HIDDEN)),
+                   (p + "mlp.down_proj.weight", (HIDDEN, INTER)),
+                   (p + "input_layernorm.weight", (HIDDEN,)),
+                   (p + "post_attention_layernorm.weight", (HIDDEN,))]
+    return shapes + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+
+
+def build_models(root: Path, layers: int, n_models: int, dtype: torch.dtype) -> list[Path]:
+    """Anchor + n fine-tunes (anchor + a shared direction + independent noise), cached."""
+    shapes = llama_shapes(layers)
+    dirs = [root / f"L{layers}-{str(dtype)[6:]}" / name
+            for name in ["anchor"] + [f"ft{i}" for i in range(n_models)]]
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": layers,
+              "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": VOCAB,
+              "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+              "tie_word_embeddings": False, "torch_dtype": str(dtype)[6:]}
+    for i, d in enumerate(dirs):
+        if (d / "model.safetensors").exists():
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(config))
+        w = SafetensorsWriter(d / "model.safetensors.part", [(n, dtype, s) for n, s in shapes])
+        for j, (name, shape) in enumerate(shapes):
+            g = torch.Generator().manual_seed(j)
+            base = torch.randn(shape, generator=g) * 0.02
+            if i > 0:
+                base += torch.randn(shape, generator=g) * 2e-3  # shared direction (same seed)
+                base += torch.randn(shape, generator=torch.Generator().manual_seed(
+                    1000 * i + j)) * 2e-3
+            w.write(name, base.to(dtype).reshape(-1))
+        w.close()
+        os.rename(d / "model.safetensors.part", d / "model.safetensors")
+    return dirs
+
+
+# Peak RSS is read by the measured process itself (VmHWM of its own address space at exit):
+# ru_maxrss from wait4 would include the parent's high-water mark inherited through fork.
+MEASURE = r"""
+import atexit, os, runpy, sys
+def _hwm():
+    with open("/proc/self/status") as f:
+        kib = next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
+    with open(os.environ["BENCH_RSS_FILE"], "w") as f:
+        f.write(str(kib))
+atexit.register(_hwm)
+kind, target, *sys.argv[1:] = sys.argv[1:]
+sys.argv[0] = target
+if kind == "module":
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+elif kind == "path":
+    runpy.run_path(target, run_name="__main__")
+else:
+    exec(compile(target, "<bench>", "exec"), {"__name__": "__main__"})
+"""
+
+
+def run_measured(python: str, kind: str, target: str, args: list[str],
+                 env: dict | None = None) -> tuple[float, float]:
+    """Run ``python`` on a module, script path or code string with ``args``; return (wall
+    seconds, peak RSS in MiB of that process)."""
+    rss_file = Path(f"/tmp/modelstock-bench-rss-{os.getpid()}")
+    env = dict(env or os.environ, BENCH_RSS_FILE=str(rss_file))
+    start = time.perf_counter()
+    proc = subprocess.run([python, "-c", MEASURE, kind, target, *args], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{target} failed ({proc.returncode}):\n"
+                           f"{proc.stderr.decode()[-2000:]}")
+    rss = int(rss_file.read_text()) / 1024
+    rss_file.unlink()
+    return wall, rss
+
+
+FLOOR = r"""
+import sys, os
+out, inputs = sys.argv[1], sys.argv[2:]
+buf = bytearray(64 << 20)
+view = memoryview(buf)
+total = 0
+for path in inputs:
+    with open(path, "rb", buffering=0) as f:
+        while (n := f.readinto(view)):
+            total += n
+size = os.path.getsize(inputs[0])
+with open(out, "wb", buffering=0) as f:
+    left = size
+    while left:
+        left -= f.write(view[: min(left, len(buf))])
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=22, help="22 layers = 1.26 B parameters")
+    ap.add_argument("--models", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/modelstock-bench"))
+    ap.add_argument("--mergekit-venv", type=Path, default=None)
+    ap.add_argument("--modelstock-args", default="", help="extra args for modelstock merge")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    dirs = build_models(args.workdir, args.layers, args.models, dtype)
+    n_params = sum(torch.Size(s).numel() for _, s in llama_shapes(args.layers))
+    out_root = args.workdir / "out"
+    shutil.rmtree(out_root, ignore_errors=True)
+    out_root.mkdir(parents=True)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    files = [str(d / "model.safetensors") for d in dirs]
+
+    py = sys.executable
+    runners = {
+        "modelstock": lambda out: (py, "module", "modelstock", [
+            "merge", *map(str, dirs), "-o", str(out), "-q", *args.modelstock_args.split()]),
+        "floor": lambda out: (py, "code", FLOOR, [str(out), *files]),
+    }
+    mk_bin = args.mergekit_venv / "bin" / "mergekit-yaml" if args.mergekit_venv else None
+    if mk_bin is not None and mk_bin.exists():
+        cfg = out_root / "mergekit.yml"
+        cfg.write_text(json.dumps({
+            "merge_method": "model_stock", "base_model": str(dirs[0]),
+            "models": [{"model": str(d)} for d in dirs[1:]],
+            "dtype": "float32", "out_dtype": args.dtype}))
+        mk_py = str(args.mergekit_venv / "bin" / "python")
+        runners["mergekit"] = lambda out: (mk_py, "path", str(mk_bin), [
+            str(cfg), str(out), "--lazy-unpickle", "--allow-crimes", "--quiet"])
+    else:
+        print("mergekit: not installed (pass --mergekit-venv); skipped")
+
+    for f in files:  # warm the page cache once, as every runner will find it
+        run_measured(py, "code", FLOOR, [str(out_root / "warm"), f])
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
+    for r in range(args.repeats):
+        for name, make in runners.items():
+            out = out_root / f"{name}-{r}"
+            results[name].append(run_measured(*make(out), env=env))
+            if r < args.repeats - 1 or name == "floor":
+                shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(
+                    missing_ok=True)
+            print(f"round {r} {name:10s} wall {results[name][-1][0]:7.2f} s  "
+                  f"peak RSS {results[name][-1][1]:7.0f} MiB", flush=True)
+
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(m for _, m in v))
+           for k, v in results.items()}
+    print(f"\n{n_params / 1e9:.2f} B params, {args.dtype}, N={args.models}, "
+          f"{args.repeats} rounds, median:")
+    for k, (w, m) in med.items():
+        print(f"  {k:10s} wall {w:7.2f} s   peak RSS {m:7.0f} MiB")
+    ours = med["modelstock"]
+    print(f"  ours/floor     wall {ours[0] / med['floor'][0]:.2f}x")
+    if "mergekit" in med:
+        mk = med["mergekit"]
+        print(f"  ours/mergekit  wall {ours[0] / mk[0]:.2f}x   peak RSS {ours[1] / mk[1]:.2f}x")
+        check_match(out_root / f"modelstock-{args.repeats - 1}",
+                    out_root / f"mergekit-{args.repeats - 1}")
+
+
+def check_match(ours: Path, theirs: Path) -> None:
+    """Our output equals mergekit's to the output dtype's rounding (<= 1 ulp)."""
+    from safetensors import safe_open
+
+    ours_r = SafetensorsReader(ours / "model.safetensors")
+    worst, mismatched, total = 0.0, 0, 0
+    for shard in sorted(theirs.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                b = f.get_tensor(name).reshape(-1)
+                a = ours_r.read(name)
+                ulp = torch.finfo(a.dtype).eps * a.float().abs().clamp_min(1e-30)
+                diff = (a.float() - b.float()).abs()
+                mismatched += int((diff > ulp * 1.0001).sum())
+                total += a.numel()
+                worst = max(worst, float((diff / ulp).max()))
+    print(f"  match vs mergekit: {mismatched} of {total} elements differ by more than 1 ulp "
+          f"(worst {worst:.2f} ulp)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""mergekit YAML configs: the subset that maps onto this engine, and a clear error for the rest.
+
+Supported (with mergekit's meaning, see README): ``merge_method`` ``model_stock`` (parameter
+``filter_wise``), ``linear`` (per-model ``weight``, top-level ``weight`` and ``normalize``) and
+``average`` (our name for a plain mean of the ``models``); ``base_model``; ``models`` (each
+``model: PATH`` and optional ``parameters``); ``dtype``; ``out_dtype``; ``tokenizer_source:
+base``. Paths are local, relative to the working directory, as in mergekit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .engine import MergeOptions
+from .errors import ModelStockError
+
+CONFIG_METHODS = ("model_stock", "linear", "average")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+TOP_KEYS = ("merge_method", "base_model", "models", "dtype", "out_dtype", "parameters",
+            "tokenizer_source")
+UNSUPPORTED_KEYS = {
+    "slices": "layer slices (frankenmerges) are not supported; list whole models under models",
+    "modules": "per-module merges are not supported; list whole models under models",
+    "tokenizer": "tokenizer surgery is not supported (the output takes the anchor's tokenizer)",
+    "chat_template": "chat templates are not set (the output takes the anchor's files)",
+}
+GLOBAL_PARAMETERS = {"model_stock": ("filter_wise",), "linear": ("normalize", "weight"),
+                     "average": ()}
+MODEL_PARAMETERS = {"model_stock": (), "linear": ("weight",), "average": ()}
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A config resolved to the engine's terms: the anchor, the models, the options."""
+
+    anchor: str
+    models: list[str]
+    options: MergeOptions
+    merge_method: str
+
+
+def _fail(source: str, message: str) -> ModelStockError:
+    return ModelStockError(message, source)
+
+
+def _path(value: object, key: str, source: str) -> str:
+    if isinstance(value, str) and value.strip():
+        return value
+    raise _fail(source, f"{key}: expected a local path, got {value!r} (LoRA, revision and "
+                        "dict model references are not supported)")
+
+
+def _same(a: str, b: str) -> bool:
+    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+
+
+def _scalar(value: object, key: str, source: str, kind: type) -> object:
+    if isinstance(value, list | dict):
+        raise _fail(source, f"{key}: gradients (lists) and per-tensor filters are not "
+                            "supported; give one value")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise _fail(source, f"{key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _fail(source, f"{key}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _dtype(value: object, key: str, source: str) -> torch.dtype | None:
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.")
+    if name not in DTYPES:
+        raise _fail(source, f"{key}: {value!r} is not supported; choose from {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _parameters(value: object, key: str, allowed: Sequence[str], method: str,
+                source: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _fail(source, f"{key}: expected a mapping")
+    for name in value:
+        if name not in allowed:
+            raise _fail(source, f"{key}.{name}: not a parameter of merge_method {method} here"
+                                f"{' (allowed: ' + ', '.join(allowed) + ')' if allowed else ''}")
+    return dict(value)
+
+
+def parse_config(data: object, source: str = "<config>") -> MergeConfig:
+    """Turn a loaded mergekit YAML document into a `MergeConfig`; any key this engine cannot
+    honour raises a `ModelStockError` naming it."""
+    if not isinstance(data, Mapping):
+        raise _fail(source, "expected a mapping of mergekit keys at the top level")
+    for key in data:
+        if key in UNSUPPORTED_KEYS:
+            raise _fail(source, f"key '{key}': {UNSUPPORTED_KEYS[key]}")
+        if key not in TOP_KEYS:
+            raise _fail(source, f"unknown key '{key}' (supported: {', '.join(TOP_KEYS)})")
+    method = data.get("merge_method")
+    if method not in CONFIG_METHODS:
+        raise _fail(source, f"merge_method: {method!r} is not supported "
+                            f"(supported: {', '.join(CONFIG_METHODS)})")
+    tokenizer_source = data.get("tokenizer_source")
+    if tokenizer_source not in (None, "base"):
+        raise _fail(source, f"tokenizer_source: {tokenizer_source!r} is not supported (only "
+                            "'base': the output takes the anchor's tokenizer files)")
+    base = data.get("base_model")
+    base = None if base is None else _path(base, "base_model", source)
+    if tokenizer_source == "base" and base is None:
+        raise _fail(source, "tokenizer_source: 'base' needs base_model")
+    params = _parameters(data.get("parameters"), "parameters", GLOBAL_PARAMETERS[method],
+                         method, source)
+    entries = data.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise _fail(source, "models: expected a non-empty list of {model: PATH} entries")
+    models: list[str] = []
+    weights: list[float | None] = []
+    for i, entry in enumerate(entries):
+        key = f"models[{i}]"
+        if not isinstance(entry, Mapping) or "model" not in entry:
+            raise _fail(source, f"{key}: expected a mapping with a 'model' key")
+        for k in entry:
+            if k not in ("model", "parameters"):
+                raise _fail(source, f"{key}.{k}: unknown key (supported: model, parameters)")
+        path = _path(entry["model"], f"{key}.model", source)
+        if any(_same(path, m) for m in models):
+            raise _fail(source, f"{key}.model: {path} is listed twice")
+        p = _parameters(entry.get("parameters"), f"{key}.parameters", MODEL_PARAMETERS[method],
+                        method, source)
+        if method == "model_stock" and base is not None and _same(path, base):
+            continue  # mergekit reads the base model once, as the base
+        models.append(path)
+        weights.append(_scalar(p["weight"], f"{key}.parameters.weight", source, float)
+                       if "weight" in p else None)
+    dtype = _dtype(data.get("dtype"), "dtype", source)
+    out_dtype = _dtype(data.get("out_dtype"), "out_dtype", source)
+    common = {
+        # mergekit writes its compute dtype when out_dtype is absent; we compute in float32
+        # (float64 if asked or if an input is float64), never lower.
+        "dtype": out_dtype or dtype,
+        "compute_dtype": torch.float64 if dtype == torch.float64 else None,
+    }
+    if method == "model_stock":
+        if base is None:
+            raise _fail(source, "base_model: model_stock needs the pretrained base model")
+        row = _scalar(params.get("filter_wise", False), "parameters.filter_wise", source, bool)
+        opts = MergeOptions(method="model-stock", granularity="row" if row else "tensor",
+                            **common)
+        return MergeConfig(base, models, opts, method)
+    if method == "linear":
+        default = params.get("weight")
+        default = None if default is None else _scalar(default, "parameters.weight", source,
+                                                       float)
+        if base is not None and not any(_same(base, m) for m in models):
+            # mergekit merges an unlisted base model in as one more input
+            models.append(base)
+            weights.append(None)
+        for i, w in enumerate(weights):
+            if w is None and default is None:
+                what = "base_model" if i >= len(entries) else f"models[{i}].parameters"
+                raise _fail(source, f"{what}: linear needs a weight for {models[i]} (give "
+                                    "parameters.weight there or at the top level)")
+        normalize = _scalar(params.get("normalize", True), "parameters.normalize", source, bool)
+        opts = MergeOptions(method="linear", weights=tuple(default if w is None else w
+                                                           for w in weights),
+                            normalize=normalize, **common)
+    else:
+        opts = MergeOptions(method="linear", weights=(1.0,) * len(models), **common)
+    return MergeConfig(base if base is not None else models[0], models, opts, method)
+
+
+def load_config(path: str | os.PathLike) -> MergeConfig:
+    """Read a mergekit YAML file (needs PyYAML: ``pip install 'modelstock[yaml]'``)."""
+    try:
+        import yaml
+    except ImportError:
+        raise ModelStockError("--config needs PyYAML: pip install 'modelstock[yaml]'") from None
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _fail(source, f"malformed YAML ({first})") from None
+    return parse_config(data, source)
+
+
+def to_mergekit_yaml(anchor: str, models: Sequence[str], options: MergeOptions) -> str:
+    """The mergekit YAML for a merge, where mergekit can express it (``model-stock`` with
+    tensor or row granularity and clamping, ``linear``); anything else raises. For ``linear``
+    the anchor is written as ``base_model`` only if it is one of the models."""
+    import yaml
+
+    if options.method not in ("model-stock", "linear"):
+        raise ModelStockError(f"mergekit YAML cannot express method {options.method}")
+    default = MergeOptions(method=options.method, weights=options.weights)
+    unexpressed = [f.name for f in dataclasses.fields(MergeOptions)
+                   if f.name not in ("method", "weights", "normalize", "dtype", "compute_dtype",
+                                     "chunk_numel", "device", "allow_nonfinite")
+                   and getattr(options, f.name) != getattr(default, f.name)]
+    if options.granularity == "row":
+        unexpressed.remove("granularity")  # filter_wise
+    if options.compute_dtype is not None and options.dtype is None:
+        unexpressed.append("compute_dtype without dtype")
+    if unexpressed:
+        raise ModelStockError(f"mergekit YAML cannot express {', '.join(unexpressed)} "
+                              f"(method {options.method})")
+    doc: dict = {"merge_method": options.method.replace("-", "_")}
+    if options.method == "linear":
+        if any(_same(anchor, m) for m in models):  # else mergekit would merge it in too
+            doc["base_model"] = anchor
+        doc["models"] = [{"model": m, "parameters": {"weight": w}}
+                         for m, w in zip(models, options.weights, strict=True)]
+        doc["parameters"] = {"normalize": options.normalize}
+    else:
+        doc["base_model"] = anchor
+        doc["models"] = [{"model": m} for m in models]
+        doc["parameters"] = {"filter_wise": options.granularity == "row"}
+    if options.compute_dtype is not None:
+        doc["dtype"] = str(options.compute_dtype).removeprefix("torch.")
+    if options.dtype is not None:
+        doc["out_dtype"] = str(options.dtype).removeprefix("torch.")
+    return yaml.safe_dump(doc, sort_keys=False)

@@ -1,0 +1,279 @@
+"""mergekit YAML configs: the same tensors as the flags, round trips, and a clear error naming
+every key this engine cannot honour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from modelstock import MergeOptions, ModelStockError
+from modelstock.cli import main
+from modelstock.config import load_config, parse_config, to_mergekit_yaml
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> list[str]:
+    """An anchor and three fine-tunes on disk (float32), a tensor merged and a 1-D one."""
+    g = torch.Generator().manual_seed(0)
+    w0 = {"w": torch.randn(8, 6, generator=g), "b": torch.randn(8, generator=g)}
+    out = []
+    for i in range(4):
+        sd = w0 if i == 0 else {k: v + 0.2 * torch.randn(v.shape, generator=g) + 0.1
+                                for k, v in w0.items()}
+        p = tmp_path / f"m{i}"
+        p.mkdir()
+        save_file(sd, str(p / "model.safetensors"))
+        (p / "config.json").write_text('{"torch_dtype": "float32"}')
+        out.append(str(p))
+    return out
+
+
+def run(*args: str) -> dict[str, torch.Tensor]:
+    result = CliRunner().invoke(main, ["merge", *args, "-q"])
+    assert result.exit_code == 0, result.output
+    out = Path(args[args.index("-o") + 1])
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def write_yaml(tmp_path: Path, doc: dict, name: str = "merge.yml") -> str:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(p)
+
+
+def load(path: str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])
+                                        for k in a)
+
+
+# -- the same tensors as the flags -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("filter_wise", [None, False, True])
+@pytest.mark.parametrize("base_listed", [False, True])
+def test_model_stock_yaml_is_bit_identical_to_flags(tmp_path: Path, paths: list[str],
+                                                    filter_wise, base_listed: bool) -> None:
+    base, *fts = paths
+    doc = {"merge_method": "model_stock", "base_model": base,
+           "models": ([{"model": base}] if base_listed else []) + [{"model": m} for m in fts],
+           "dtype": "float32"}
+    if filter_wise is not None:
+        doc["parameters"] = {"filter_wise": filter_wise}
+    via_yaml = run("--config", write_yaml(tmp_path, doc), "-o", str(tmp_path / "y"))
+    flags = ["--granularity", "row"] if filter_wise else []
+    via_flags = run(base, *fts, "-o", str(tmp_path / "f"), *flags)
+    assert same(via_yaml, via_flags)
+    other = run(base, *fts, "-o", str(tmp_path / "o"),
+                *([] if filter_wise else ["--granularity", "row"]))
+    assert not same(via_yaml, other)  # the comparison can tell the two granularities apart
+    assert (tmp_path / "y" / "config.json").is_file()  # the anchor's files, as with flags
+
+
+def test_out_dtype_and_dtype_set_the_output_dtype(tmp_path: Path, paths: list[str]) -> None:
+    base, *fts = paths
+    doc = {"merge_method": "model_stock", "base_model": base,
+           "models": [{"model": m} for m in fts], "out_dtype": "bfloat16"}
+    via_yaml = run("--config", write_yaml(tmp_path, doc), "-o", str(tmp_path / "y"))
+    via_flags = run(base, *fts, "-o", str(tmp_path / "f"), "--dtype", "bfloat16")
+    assert same(via_yaml, via_flags) and via_yaml["w"].dtype == torch.bfloat16
+    # mergekit writes its compute dtype when out_dtype is absent; we compute in float32 anyway
+    doc.pop("out_dtype")
+    doc["dtype"] = "bfloat16"
+    via_dtype = run("--config", write_yaml(tmp_path, doc, "d.yml"), "-o", str(tmp_path / "d"))
+    assert same(via_dtype, via_flags)
+
+
+def test_dtype_float64_computes_in_float64(tmp_path: Path, paths: list[str]) -> None:
+    base, *fts = paths
+    doc = {"merge_method": "model_stock", "base_model": base, "dtype": "float64",
+           "out_dtype": "float32", "models": [{"model": m} for m in fts]}
+    cfg = load_config(write_yaml(tmp_path, doc))
+    assert cfg.options.compute_dtype == torch.float64 and cfg.options.dtype == torch.float32
+    assert parse_config({**doc, "dtype": "float32"}).options.compute_dtype is None
+
+
+def test_linear_yaml_is_a_weighted_mean(tmp_path: Path, paths: list[str]) -> None:
+    base, *fts = paths
+    weights = [0.2, 0.5, 0.3]
+    doc = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": w}}
+                                                for m, w in zip(fts, weights, strict=True)]}
+    via_yaml = run("--config", write_yaml(tmp_path, doc), "-o", str(tmp_path / "y"))
+    via_flags = run(fts[0], *fts, "-o", str(tmp_path / "f"), "--method", "linear",
+                    "--weights", "0.2,0.5,0.3")
+    assert same(via_yaml, via_flags)
+    sds = [load(m) for m in fts]
+    for k in sds[0]:
+        expected = sum(w * sd[k].double().numpy() for w, sd in zip(weights, sds, strict=True))
+        np.testing.assert_allclose(via_yaml[k].double().numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_linear_normalize_false_and_a_top_level_weight(tmp_path: Path, paths: list[str]) -> None:
+    base, *fts = paths
+    doc = {"merge_method": "linear", "parameters": {"normalize": False, "weight": 0.5},
+           "models": [{"model": fts[0], "parameters": {"weight": 2.0}}, {"model": fts[1]}]}
+    out = run("--config", write_yaml(tmp_path, doc), "-o", str(tmp_path / "y"))
+    a, b = load(fts[0]), load(fts[1])
+    for k in a:
+        torch.testing.assert_close(out[k], 2.0 * a[k] + 0.5 * b[k], rtol=0, atol=1e-6)
+
+
+def test_linear_merges_an_unlisted_base_model_in_as_mergekit_does(paths: list[str]) -> None:
+    base, *fts = paths
+    doc = {"merge_method": "linear", "base_model": base, "parameters": {"weight": 1.0},
+           "models": [{"model": fts[0]}, {"model": fts[1], "parameters": {"weight": 3.0}}]}
+    cfg = parse_config(doc)
+    assert cfg.models == [fts[0], fts[1], base] and cfg.options.weights == (1.0, 3.0, 1.0)
+    doc["parameters"] = {}
+    doc["models"][0]["parameters"] = {"weight": 1.0}
+    with pytest.raises(ModelStockError, match="base_model: linear needs a weight"):
+        parse_config(doc)
+
+
+def test_average_is_the_plain_mean_of_the_models(tmp_path: Path, paths: list[str]) -> None:
+    base, *fts = paths
+    doc = {"merge_method": "average", "base_model": base, "models": [{"model": m} for m in fts]}
+    out = run("--config", write_yaml(tmp_path, doc), "-o", str(tmp_path / "y"))
+    sds = [load(m) for m in fts]
+    for k in out:  # the base model is the layout, not an input
+        expected = np.mean([sd[k].double().numpy() for sd in sds], axis=0)
+        np.testing.assert_allclose(out[k].double().numpy(), expected, rtol=0, atol=1e-6)
+
+
+# -- round trips -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [
+    MergeOptions(),
+    MergeOptions(granularity="row", dtype=torch.bfloat16),
+    MergeOptions(dtype=torch.float16, compute_dtype=torch.float64),
+    MergeOptions(method="linear", weights=(0.25, 0.75, 2.0), normalize=False),
+    MergeOptions(method="linear", weights=(1.0, 1.0, 1.0), dtype=torch.float32),
+])
+def test_options_round_trip_through_mergekit_yaml(tmp_path: Path, paths: list[str],
+                                                  options: MergeOptions) -> None:
+    base, *fts = paths
+    anchor = fts[0] if options.method == "linear" else base
+    text = to_mergekit_yaml(anchor, fts, options)
+    path = tmp_path / "rt.yml"
+    path.write_text(text)
+    cfg = load_config(path)
+    assert (cfg.anchor, cfg.models, cfg.options) == (anchor, fts, options)
+    assert to_mergekit_yaml(cfg.anchor, cfg.models, cfg.options) == text
+
+
+def test_yaml_round_trips_through_options(tmp_path: Path, paths: list[str]) -> None:
+    base, *fts = paths
+    doc = {"merge_method": "model_stock", "base_model": base,
+           "models": [{"model": m} for m in fts], "parameters": {"filter_wise": True},
+           "dtype": "float64", "out_dtype": "bfloat16"}
+    cfg = parse_config(doc)
+    assert yaml.safe_load(to_mergekit_yaml(cfg.anchor, cfg.models, cfg.options)) == doc
+
+
+@pytest.mark.parametrize("options, what", [
+    (MergeOptions(method="uniform"), "method uniform"),
+    (MergeOptions(method="wise-ft", alpha=0.5), "method wise-ft"),
+    (MergeOptions(granularity="model"), "granularity"),
+    (MergeOptions(clamp=False), "clamp"),
+    (MergeOptions(keep_anchor=("*.bias",)), "keep_anchor"),
+    (MergeOptions(compute_dtype=torch.float64), "compute_dtype without dtype"),
+])
+def test_inexpressible_options_are_refused(options: MergeOptions, what: str) -> None:
+    with pytest.raises(ModelStockError, match=what):
+        to_mergekit_yaml("base", ["a", "b"], options)
+
+
+# -- what cannot be honoured -----------------------------------------------------------------
+
+MS = {"merge_method": "model_stock", "base_model": "base", "models": [{"model": "a"},
+                                                                     {"model": "b"}]}
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"slices": [{"sources": []}]}, "slices"),
+    ({"modules": {}}, "modules"),
+    ({"tokenizer": {"source": "union"}}, "tokenizer"),
+    ({"chat_template": "chatml"}, "chat_template"),
+    ({"tokenizer_source": "union"}, "tokenizer_source"),
+    ({"merge_method": "ties"}, "merge_method"),
+    ({"lora_rank": 8}, "lora_rank"),
+    ({"parameters": {"density": 0.5}}, "parameters.density"),
+    ({"parameters": {"filter_wise": [True, False]}}, "parameters.filter_wise"),
+    ({"parameters": {"filter_wise": [{"filter": "mlp", "value": True}]}},
+     "parameters.filter_wise"),
+    ({"parameters": {"filter_wise": "yes"}}, "parameters.filter_wise"),
+    ({"models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b"}]},
+     "models[0].parameters.weight"),
+    ({"models": [{"model": "a"}, {"model": "b", "layer_range": [0, 4]}]},
+     "models[1].layer_range"),
+    ({"models": [{"model": {"path": "a"}}, {"model": "b"}]}, "models[0].model"),
+    ({"models": [{"model": "a"}, {"model": "a"}]}, "models[1].model"),
+    ({"models": []}, "models"),
+    ({"base_model": None}, "base_model"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"out_dtype": "float8"}, "out_dtype"),
+])
+def test_unsupported_keys_are_named(change: dict, key: str) -> None:
+    with pytest.raises(ModelStockError) as e:
+        parse_config({**MS, **change}, "merge.yml")
+    msg = str(e.value)
+    assert msg.startswith("merge.yml: ") and key in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("doc, key", [
+    ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": [0, 1]}}]},
+     "models[0].parameters.weight"),
+    ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": True}}]},
+     "models[0].parameters.weight"),
+    ({"merge_method": "linear", "models": [{"model": "a"}]}, "models[0].parameters"),
+    ({"merge_method": "linear", "parameters": {"normalize": 1},
+      "models": [{"model": "a", "parameters": {"weight": 1}}]}, "parameters.normalize"),
+    ({"merge_method": "linear", "parameters": {"int8_mask": True},
+      "models": [{"model": "a", "parameters": {"weight": 1}}]}, "parameters.int8_mask"),
+    ({"merge_method": "average", "models": [{"model": "a", "parameters": {"weight": 2}}]},
+     "models[0].parameters.weight"),
+    ({"merge_method": "linear", "tokenizer_source": "base",
+      "models": [{"model": "a", "parameters": {"weight": 1}}]}, "tokenizer_source"),
+])
+def test_unusable_parameters_are_named(doc: dict, key: str) -> None:
+    with pytest.raises(ModelStockError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(doc)
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path: Path, paths: list[str]) -> None:
+    base, *fts = paths
+    doc = {"merge_method": "model_stock", "base_model": base, "slices": [],
+           "models": [{"model": m} for m in fts]}
+    result = CliRunner().invoke(main, ["merge", "--config", write_yaml(tmp_path, doc),
+                                       "-o", str(tmp_path / "y")])
+    assert result.exit_code == 1 and "key 'slices'" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "y").exists()
+    bad = tmp_path / "bad.yml"
+    bad.write_text("merge_method: [unclosed\n")
+    result = CliRunner().invoke(main, ["merge", "--config", str(bad), "-o", str(tmp_path / "z")])
+    assert result.exit_code == 1 and "malformed YAML" in result.output
+
+
+def test_cli_config_excludes_recipe_flags_and_models(tmp_path: Path, paths: list[str]) -> None:
+    base, *fts = paths
+    cfg = write_yaml(tmp_path, {"merge_method": "model_stock", "base_model": base,
+                                "models": [{"model": m} for m in fts]})
+    out = str(tmp_path / "y")
+    for extra in (["--method", "uniform"], ["--granularity", "row"], ["--dtype", "bf16"],
+                  ["--alpha", "0.5"]):
+        result = CliRunner().invoke(main, ["merge", "--config", cfg, "-o", out, *extra])
+        assert result.exit_code == 2 and extra[0] in result.output
+    result = CliRunner().invoke(main, ["merge", base, "--config", cfg, "-o", out])
+    assert result.exit_code == 2 and "ANCHOR" in result.output
+    result = CliRunner().invoke(main, ["merge", "-o", out])
+    assert result.exit_code == 2 and "--config" in result.output
