@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--then", default="stop", choices=["stop", "die", "hang"])
     ap.add_argument("--granularity", default="tensor")
     ap.add_argument("--timeout", type=float, default=30.0)
+    ap.add_argument("--anchor-dtype", default=None, help="e.g. bfloat16")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -57,7 +58,8 @@ def main() -> None:
         loss.backward()
         opt.step()
     dms = DistributedModelStock(model, base, optimizers=[opt], granularity=a.granularity,
-                                ranks_per_replica=a.per_replica, timeout=a.timeout)
+                                ranks_per_replica=a.per_replica, timeout=a.timeout,
+                                anchor_dtype=a.anchor_dtype and getattr(torch, a.anchor_dtype))
     inner = model.module if a.per_replica > 1 else model
     torch.save({k: v.clone() for k, v in inner.state_dict().items()}, f"{a.out}/pre{a.rank}.pt")
     dist.barrier()  # line the ranks up, so that only a real failure meets the merge's timeout

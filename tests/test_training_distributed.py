@@ -47,21 +47,34 @@ def load(out: Path, kind: str, rank: int) -> dict[str, torch.Tensor]:
     return torch.load(out / f"{kind}{rank}.pt", weights_only=True)
 
 
-def test_replica_groups_merge_like_in_process_and_a_hung_replica_times_out(tmp_path):
-    """4 ranks = 2 replicas of 2 ranks (DDP inside each), row granularity; then rank 3 never
+@pytest.mark.parametrize("per_replica,granularity,anchor_dtype", [
+    (1, "tensor", None),
+    # 4 ranks = 2 replicas of 2 ranks with DDP inside each, the anchor kept in bfloat16
+    pytest.param(2, "row", "bfloat16", marks=pytest.mark.slow),
+])
+def test_two_replicas_merge_like_in_process_and_a_hung_replica_times_out(
+        tmp_path, per_replica, granularity, anchor_dtype):
+    """The merge across 2 replicas equals the in-process merge; then the last rank never
     reaches the next merge and the others must give up after the 5 s timeout."""
-    runs = launch(tmp_path, 4, per_replica=2, granularity="row", timeout=5, then="hang")
+    world = 2 * per_replica
+    flags = {"anchor_dtype": anchor_dtype} if anchor_dtype else {}
+    runs = launch(tmp_path, world, per_replica=per_replica, granularity=granularity, timeout=5,
+                  then="hang", **flags)
     for r in runs:
         assert r.returncode == 0, r.stdout
-    pre = [load(tmp_path, "pre", r) for r in range(4)]
-    post = [load(tmp_path, "post", r) for r in range(4)]
-    for k in pre[0]:  # DDP keeps a replica's parameters identical (BatchNorm statistics are
-        if "running" in k:  # rank-local until DDP's next forward broadcasts the first rank's)
-            continue
-        assert torch.equal(pre[0][k], pre[1][k]) and torch.equal(pre[2][k], pre[3][k])
-    assert not torch.equal(pre[0]["0.weight"], pre[2]["0.weight"])
-    expected, rep = merge_state_dicts(tiny_net(), [pre[0], pre[2]], granularity="row")
-    for r in range(4):
+    pre = [load(tmp_path, "pre", r) for r in range(world)]
+    post = [load(tmp_path, "post", r) for r in range(world)]
+    leaders = pre[::per_replica]
+    for r in range(world):  # DDP keeps a replica's parameters identical (BatchNorm statistics
+        for k in pre[0]:    # are rank-local until DDP's next forward broadcasts the first rank's)
+            if "running" not in k:
+                assert torch.equal(pre[r][k], leaders[r // per_replica][k]), k
+    assert not torch.equal(leaders[0]["0.weight"], leaders[1]["0.weight"])
+    dtype = getattr(torch, anchor_dtype) if anchor_dtype else torch.float32
+    anchor = {k: v.to(dtype).float() if v.is_floating_point() else v
+              for k, v in tiny_net().state_dict().items()}
+    expected, rep = merge_state_dicts(anchor, leaders, granularity=granularity)
+    for r in range(world):
         for k, v in expected.items():
             torch.testing.assert_close(post[r][k], v, rtol=1e-6, atol=1e-7, msg=k)
             assert torch.equal(post[r][k], post[0][k]), k  # every rank ends bit-identical
@@ -73,7 +86,7 @@ def test_replica_groups_merge_like_in_process_and_a_hung_replica_times_out(tmp_p
             assert mine.get("t_min") == (None if ref.t_min is None
                                          else pytest.approx(ref.t_min, abs=1e-6))
             assert mine["cos"] == pytest.approx(ref.cos, abs=1e-6)
-    for r in range(3):
+    for r in range(world - 1):
         seconds, message = (tmp_path / f"error{r}.txt").read_text().split("\n", 1)
         assert "merge #2" in message and "failed" in message and "timeout 5 s" in message
         assert "no weight was changed" in message

@@ -19,6 +19,7 @@ from modelstock import merge_state_dicts  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # two Trainer processes: ~30 s of CPU
 def test_trainer_callback_merges_two_replicas(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

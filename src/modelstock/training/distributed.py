@@ -227,8 +227,8 @@ class DistributedModelStock(Periodic):
             size += p.numel
         return buckets
 
-    def _w0(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        return self.anchor[name].reshape(-1).to(device=self.device, dtype=dtype)
+    def _w0(self, name: str) -> torch.Tensor:
+        return self.anchor[name].reshape(-1).to(device=self.device)
 
     def _merge_bucket(self, bucket: list[LayerPlan], live: dict[str, torch.Tensor],
                       reports: dict[str, LayerReport]) -> None:
@@ -243,7 +243,7 @@ class DistributedModelStock(Periodic):
             if self.leader:  # the other ranks of a replica hold the same weights: count once
                 w = live[p.name].reshape(-1)
                 if p.anchored:
-                    d = stock.task_vectors(self._w0(p.name, dtype), [w], dtype)
+                    d = stock.task_vectors(self._w0(p.name), [w], dtype)
                     buf[off : off + p.numel].copy_(d[0])
                     sq[self.replica, seg_off : seg_off + r] = (
                         stock.gram(d, _row_numel(p, gran)).reshape(-1))
@@ -276,8 +276,8 @@ class DistributedModelStock(Periodic):
                                   tensor=p.name)
         cos = norm_weighted_cos(sum_sq, sq)
         t = stock.stock_ratio(cos if row else cos[0], self.n, self.options.clamp)
-        out = stock.apply_ratio(self._w0(p.name, total.dtype), total.view(1, -1), t / self.n,
-                                p.out_dtype, row)
+        out = torch.empty(p.numel, dtype=p.out_dtype, device=self.device)
+        stock.combine(self._w0(p.name), total, t / self.n, out, row)  # w0 + t/N sum_i d_i
         target.copy_(out.view(p.shape))
         return self._describe(p, sum_sq.sum(), sq.sum(1), t)
 
