@@ -9,6 +9,8 @@ batch 32 of airline tweets at 64 tokens. Both the step and the merge are timed i
 In-process: 2 models in one process (`PeriodicModelStock`), ratio = merge / (one step of both
 models). Distributed: 2 gloo ranks under torchrun, one model each (`DistributedModelStock`),
 ratio = merge / one step of one rank; ranks are lined up by a barrier before each timed merge.
+Training runs ``--threads`` torch threads per process (default 1: stable on a shared machine);
+the in-process merge uses the engine's own worker threads (up to 4, one per core).
 """
 
 from __future__ import annotations
@@ -66,9 +68,10 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def in_process(repeats: int) -> None:
+def in_process(repeats: int, threads: int) -> None:
     from modelstock.training import PeriodicModelStock
 
+    torch.set_num_threads(threads)
     base, tok = build()
     models = [copy.deepcopy(base) for _ in range(2)]
     opts = [torch.optim.AdamW(m.parameters(), lr=5e-5) for m in models]
@@ -80,19 +83,19 @@ def in_process(repeats: int) -> None:
                                                                  strict=True)], repeats)
     merge = timed(pms.merge, repeats)
     n_params = sum(p.numel() for p in base.parameters())
-    print(f"in-process, 2 models, {torch.get_num_threads()} threads, {n_params / 1e6:.1f} M "
+    print(f"in-process, 2 models, {torch.get_num_threads()} thread(s), {n_params / 1e6:.1f} M "
           f"params: step of both models {step:.3f} s, merge {merge:.3f} s, "
           f"merge / step = {merge / step:.3f}")
 
 
-def worker(repeats: int) -> None:
+def worker(repeats: int, threads: int) -> None:
     import torch.distributed as dist
 
     from modelstock.training import DistributedModelStock
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    torch.set_num_threads(threads)
     model, tok = build()
     pretrained = copy.deepcopy(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
@@ -119,17 +122,19 @@ def worker(repeats: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--only", choices=["in-process", "distributed"], default=None)
     a = ap.parse_args()
     if a.worker:
-        return worker(a.repeats)
+        return worker(a.repeats, a.threads)
     if a.only in (None, "in-process"):
-        in_process(a.repeats)
+        in_process(a.repeats, a.threads)
     if a.only in (None, "distributed"):
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node=2", __file__, "--worker", f"--repeats={a.repeats}"],
+                        "--nproc-per-node=2", __file__, "--worker", f"--repeats={a.repeats}",
+                        f"--threads={a.threads}"],
                        env=env, check=True)
 
 
