@@ -104,7 +104,8 @@ def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.Pa
 
             def make_sink(plan):
                 nonlocal sink
-                sink = SafetensorsSink(tmp, plan.layers, shard_size, metadata)
+                sink = SafetensorsSink(tmp, plan.layers, shard_size, metadata,
+                                       single_file=out.suffix == ".safetensors")
                 return sink
 
             try:

@@ -233,5 +233,45 @@ def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granu
     run_guarded(job)
 
 
+@main.command("inspect")
+@click.argument("anchor", type=click.Path(exists=False, dir_okay=True))
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=False))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Write the per-layer report (modelstock_report.json's schema) here.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Same, as CSV.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Draw angle, t and norms per layer to this PNG (needs matplotlib).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Write one self-contained page with the table and the plots.")
+@click.option("--all", "full", is_flag=True, help="Print every layer, however many.")
+@click.option("--head", multiple=True, metavar="GLOB",
+              help="Count tensors matching GLOB as the head (beside the usual names).")
+@click.option("--strip-prefix", default=None, metavar="PREFIX",
+              help="Strip PREFIX (e.g. 'module.') from tensor names in every input.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow .pt/.bin files whose pickle runs code. Only for files you trust.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def inspect_cmd(anchor, models, json_path, csv_path, plot_path, html_path, full, head,
+                strip_prefix, trust_pickle, quiet):
+    """Show how fine-tuned MODELs sit around their ANCHOR, layer by layer: task-vector norms,
+    pairwise angles and the ratio t a merge would use, by layer kind, with warnings for what
+    looks wrong. Reads like `merge` (its Gram pass) and writes only the reports asked for.
+    """
+    from .geometry import inspect_checkpoints
+    from .render import text, write_outputs
+
+    def job():
+        if plot_path or html_path:
+            from .plots import require
+            require()
+        insp = inspect_checkpoints(anchor, models, head=head, trust_pickle=trust_pickle,
+                                   strip_prefix=strip_prefix, progress=not quiet)
+        click.echo(text(insp, full))
+        write_outputs(insp, json_path=json_path, csv_path=csv_path, plot_path=plot_path,
+                      html_path=html_path)
+
+    run_guarded(job)
+
+
 if __name__ == "__main__":
     main()

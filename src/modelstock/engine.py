@@ -454,7 +454,7 @@ def merge_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions,
     # One intra-op thread per worker: OpenMP teams spin-wait, which collapses on a busy machine.
     torch.set_num_threads(1) if threads > 1 else None
     try:
-        with tqdm(total=total, disable=not progress, unit="param", unit_scale=True,
+        with tqdm(total=total, disable=None if progress else True, unit="param", unit_scale=True,
                   file=sys.stderr, desc="merging", dynamic_ncols=True) as bar, \
                 ThreadPoolExecutor(threads, thread_name_prefix="modelstock") as pool:
             merger = Merger(anchor, models, opts, sink, bar.update, pool if threads > 1 else None)

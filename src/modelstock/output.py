@@ -85,9 +85,10 @@ class SafetensorsSink:
     """Stream merged tensors into one or more safetensors files (one open file at a time)."""
 
     def __init__(self, target: Path, layers: Sequence[LayerPlan], max_shard_bytes: int | None,
-                 metadata: dict[str, str]) -> None:
-        """``target`` is a directory (sharded HF layout) or a ``.safetensors`` file path."""
-        self.single_file = target.suffix == ".safetensors"
+                 metadata: dict[str, str], single_file: bool = False) -> None:
+        """``target`` is a directory (sharded HF layout), or the file to write if
+        ``single_file``."""
+        self.single_file = single_file
         groups = [list(layers)] if (self.single_file or not max_shard_bytes) else \
             plan_shards(layers, max_shard_bytes)
         if self.single_file:
@@ -250,24 +251,39 @@ def copy_anchor_files(anchor_dir: Path, out_dir: Path, dtype: torch.dtype | None
     return copied
 
 
+METHOD_TEXT = {
+    "model-stock": "**Model Stock** (Jang, Yun, Han, *Model Stock: All we need is just a few "
+                   "fine-tuned models*, ECCV 2024, arXiv:2403.19522): every layer moves from the "
+                   "pretrained weights towards the fine-tunes' average by a ratio derived from "
+                   "the angle between their task vectors",
+    "uniform": "a **uniform soup** (Wortsman et al., *Model soups*, ICML 2022): the plain mean "
+               "of the fine-tunes",
+    "wise-ft": "**WiSE-FT** (Wortsman et al., *Robust fine-tuning of zero-shot models*, CVPR "
+               "2022): an interpolation between the pretrained weights and the fine-tunes' mean",
+    "linear": "a **weighted average** of the models (mergekit's `linear`)",
+    "greedy": "a **greedy soup** (Wortsman et al., *Model soups*, ICML 2022): the mean of the "
+              "fine-tunes kept by greedy selection on a held-out score",
+}
+
+
 def model_card(anchor: str, models: Sequence[str], recipe: dict, summary: str) -> str:
-    """A Hugging Face model card (README.md) recording where the weights came from."""
-    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in recipe.items() if k not in ("anchor",
-                                                                                   "models"))
+    """A Hugging Face model card (README.md) recording where the weights came from and how."""
+    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in recipe.items()
+                       if k not in ("anchor", "models") and v not in (None, []))
     fine_tunes = "\n".join(f"- `{m}`" for m in models)
+    method = recipe.get("method", "model-stock")
     return f"""---
 base_model: {json.dumps(anchor)}
 tags:
 - merge
-- model-stock
+- {method}
 - modelstock
 ---
 
 # Merged with modelstock
 
-This model merges {len(models)} fine-tunes of `{anchor}` with **{recipe.get("method")}**
-(Model Stock: Jang, Yun, Han, *Model Stock: All we need is just a few fine-tuned models*,
-ECCV 2024, arXiv:2403.19522), layer by layer, using the pretrained weights as the anchor.
+This model combines {len(models)} fine-tunes of `{anchor}` with
+{METHOD_TEXT.get(method, f"`{method}`")}, tensor by tensor.
 
 Fine-tuned models:
 

@@ -21,8 +21,6 @@ import torch
 
 # Elements per cache block in `chunk_stats`: the N task vectors of a block stay in cache.
 BLOCK_NUMEL = 1 << 16
-# Products are summed in the compute dtype over runs of this many elements, then in float64.
-PARTIAL_NUMEL = 4096
 # |1 + (N-1) cos| below this is treated as the formula's pole (see `stock_ratio`).
 SINGULAR_EPS = 1e-6
 _PROMOTING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,24 +50,18 @@ def task_vectors(anchor: torch.Tensor, models: Sequence[torch.Tensor],
 def gram(deltas: torch.Tensor, row_numel: int | None = None) -> torch.Tensor:
     """Float64 Gram matrix ``<d_i, d_j>`` of ``[N, n]`` task vectors.
 
-    Products and their partial sums over runs of `PARTIAL_NUMEL` elements are taken in the
-    task vectors' dtype, then accumulated in float64: the relative error of each dot product
-    stays near float32's rounding (~1e-7) whatever the tensor's size, at float32 speed.
-    With ``row_numel`` the chunk is read as rows of that many elements and one ``[N, N]`` matrix
-    is returned per row (shape ``[R, N, N]``, products in float64).
+    Products and sums are taken in float64 (a product of two float32 values is exact there),
+    block by block so that the float64 copy stays in cache. With ``row_numel`` the chunk is read
+    as rows of that many elements and one ``[N, N]`` matrix is returned per row: ``[R, N, N]``.
     """
     n_models, numel = deltas.shape
     if row_numel is not None:
         rows = deltas.to(torch.float64).view(n_models, -1, row_numel).transpose(0, 1)
         return rows @ rows.transpose(1, 2)
-    whole = numel - numel % PARTIAL_NUMEL
     g = torch.zeros((n_models, n_models), dtype=torch.float64, device=deltas.device)
-    if whole:
-        runs = deltas[:, :whole].reshape(n_models, -1, PARTIAL_NUMEL).transpose(0, 1)
-        g += torch.bmm(runs, runs.transpose(1, 2)).sum(0, dtype=torch.float64)
-    if whole < numel:
-        tail = deltas[:, whole:].to(torch.float64)
-        g += tail @ tail.T
+    for start in range(0, numel, BLOCK_NUMEL):
+        block = deltas[:, start : start + BLOCK_NUMEL].to(torch.float64)
+        g += block @ block.T
     return g
 
 

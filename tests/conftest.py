@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny synthetic fine-tunes, and running the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def make_finetunes(shapes: dict[str, tuple[int, ...]], n: int = 2, dtype=torch.float32,
+                   seed: int = 0, step: float = 0.05) -> list[dict[str, torch.Tensor]]:
+    """Anchor + ``n`` fine-tunes sharing a direction (so cos > 0), as state dicts."""
+    g = torch.Generator().manual_seed(seed)
+    anchor = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+    shared = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    models = []
+    for _ in range(n):
+        models.append({k: (v.float() + step * (shared[k] + torch.randn(v.shape, generator=g)))
+                       .to(dtype) for k, v in anchor.items()})
+    return [anchor, *models]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120
+            ) -> subprocess.CompletedProcess:
+    """``modelstock ARGS`` in a fresh interpreter, importing this checkout's code."""
+    env = dict(os.environ, PYTHONPATH=str(SRC), PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "modelstock", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,109 @@
+"""Streaming: chunked == unchunked, threads change nothing, and memory does not grow with size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modelstock import merge_checkpoints, merge_state_dicts
+from modelstock.engine import chunk_ranges
+from tests.conftest import SRC, make_finetunes
+
+SHAPES = {"emb": (1000, 37), "w": (64, 64), "b": (64,), "scalar": ()}
+
+
+def max_ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference in units of the dtype's spacing at the larger operand."""
+    a64, b64 = a.double(), b.double()
+    spacing = torch.finfo(a.dtype).eps * torch.maximum(a64.abs(), b64.abs()).clamp_min(
+        torch.finfo(a.dtype).tiny)
+    return float(((a64 - b64).abs() / spacing).max())
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", "model"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [2, 3])
+def test_chunked_equals_unchunked(granularity: str, dtype: torch.dtype, n: int) -> None:
+    sds = make_finetunes(SHAPES, n=n, dtype=dtype)
+    whole, rep_whole = merge_state_dicts(sds[0], sds[1:], granularity=granularity)
+    for chunk in (1000, 4097, 37 * 3):
+        chunked, rep = merge_state_dicts(sds[0], sds[1:], granularity=granularity,
+                                         chunk_numel=chunk)
+        for k in whole:
+            assert max_ulps(whole[k], chunked[k]) <= 1.0, (k, chunk)
+        for a, b in zip(rep_whole.layers, rep.layers, strict=True):
+            assert a.t == pytest.approx(b.t, rel=1e-12, abs=1e-15)
+
+
+def test_threads_do_not_change_the_result() -> None:
+    sds = make_finetunes({"big": (3000, 700), "b": (700,)}, n=2, dtype=torch.bfloat16)
+    one, _ = merge_state_dicts(sds[0], sds[1:], threads=1)
+    many, _ = merge_state_dicts(sds[0], sds[1:], threads=4)
+    assert all(torch.equal(one[k], many[k]) for k in one)
+
+
+def test_chunk_ranges_cover_and_align() -> None:
+    assert chunk_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert chunk_ranges(0, 4) == [(0, 0)]
+    assert chunk_ranges(12, 5, row_numel=3) == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    assert chunk_ranges(12, 2, row_numel=3) == [(0, 3), (3, 6), (6, 9), (9, 12)]
+
+
+def test_on_disk_chunked_equals_in_memory(tmp_path: Path) -> None:
+    sds = make_finetunes(SHAPES, n=2, dtype=torch.bfloat16)
+    for i, sd in enumerate(sds):
+        save_file(sd, tmp_path / f"m{i}.safetensors")
+    paths = [tmp_path / f"m{i}.safetensors" for i in range(3)]
+    merge_checkpoints(paths[0], paths[1:], tmp_path / "out", chunk_numel=777)
+    expected, _ = merge_state_dicts(sds[0], sds[1:])
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(max_ulps(merged[k], expected[k]) <= 1.0 for k in expected)
+
+
+PEAK_RSS = r"""
+import json, sys, resource
+from modelstock import merge_checkpoints
+anchor, a, b, out, chunk = sys.argv[1:]
+merge_checkpoints(anchor, [a, b], out, chunk_numel=int(chunk), threads=2)
+with open("/proc/self/status") as f:
+    hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
+print(json.dumps({"peak_kib": hwm}))
+"""
+
+
+def peak_rss_mib(tmp_path: Path, rows: int, chunk: int) -> float:
+    """Peak RSS of a fresh process merging a (rows x 1024) float32 model, N = 2."""
+    d = tmp_path / f"r{rows}"
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(rows, 1024, generator=g)
+    for i in range(3):
+        w = base if i == 0 else base + 0.01 * torch.randn(rows, 1024, generator=g)
+        save_file({"big": w, "small": w[:4].clone()}, d / f"m{i}.safetensors")
+    del base, w
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *(str(d / f"m{i}.safetensors")
+                                                              for i in range(3)),
+                           str(d / "out"), str(chunk)],
+                          env=dict(os.environ, PYTHONPATH=str(SRC)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
+
+
+def test_peak_memory_does_not_grow_with_model_size(tmp_path: Path) -> None:
+    """A 4x larger model (each input 4x the chunk budget and more) costs no more memory: inputs
+    are streamed chunk by chunk and their pages released, outputs written as they are made."""
+    chunk = 1 << 20  # 4 MiB of float32 per input per chunk
+    small = peak_rss_mib(tmp_path, rows=4096, chunk=chunk)  # 16 MiB per input, 4x the chunk
+    large = peak_rss_mib(tmp_path, rows=16384, chunk=chunk)  # 64 MiB per input, 16x
+    growth = large - small
+    model_growth = 3 * (16384 - 4096) * 1024 * 4 / 2**20  # 144 MiB more input data
+    print(f"peak RSS: {small:.0f} MiB (48 MiB of inputs), {large:.0f} MiB (192 MiB of inputs)")
+    assert growth < 0.25 * model_growth, (small, large)
