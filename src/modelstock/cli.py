@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import re
 import signal
@@ -65,8 +66,18 @@ def _on_signal(signum, frame):
     raise _Terminated(signum)
 
 
+def _steady_heap() -> None:
+    """Fix glibc's mmap threshold at 2 MiB: by default it rises with each large buffer freed,
+    after which chunk-sized buffers come from the heap and the heap grows with the model."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 2 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def run_guarded(fn, *args, **kwargs):
     """Run ``fn``; turn user errors into one line on stderr and an exit status, no traceback."""
+    _steady_heap()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     try:
@@ -164,13 +175,15 @@ RECIPE_FLAGS = ("method", "alpha", "weights", "granularity", "dtype", "score")
                    "pass through to the output elementwise.")
 @click.option("--device", default="cpu", show_default=True,
               help="Where to run the arithmetic (e.g. cuda). Inputs stream from disk either way.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Worker threads for the arithmetic on CPU [default: cores, at most 4].")
 @click.option("-f", "--force", is_flag=True,
               help="Replace an existing output (only once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.pass_context
 def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granularity,
           no_clamp, average, keep_anchor, dtype, shard_size, chunk_size, strip_prefix,
-          trust_pickle, allow_nonfinite, device, force, quiet):
+          trust_pickle, allow_nonfinite, device, threads, force, quiet):
     """Merge fine-tuned MODELs with their pretrained ANCHOR into OUT.
 
     ANCHOR is the pretrained model the fine-tunes started from (with the head they started
@@ -201,8 +214,9 @@ def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granu
     if method == "greedy" and weights is not None:
         raise click.UsageError("--weights: a greedy soup is the plain mean of the kept models")
     io_kw = {"shard_size": shard_size, "force": force, "trust_pickle": trust_pickle,
-          "strip_prefix": strip_prefix, "progress": not quiet}
-    engine = {"chunk_numel": chunk_size, "allow_nonfinite": allow_nonfinite, "device": device}
+             "strip_prefix": strip_prefix, "progress": not quiet}
+    engine = {"chunk_numel": chunk_size, "allow_nonfinite": allow_nonfinite, "device": device,
+              "threads": threads}
 
     def job():
         nonlocal anchor, models

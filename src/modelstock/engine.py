@@ -30,6 +30,8 @@ GRANULARITIES = ("tensor", "row", "model")
 BATCHNORM_STATS = ("running_mean", "running_var")
 DEFAULT_CHUNK_NUMEL = 1 << 24  # 64 MiB of float32 per input per chunk
 PIECE_NUMEL = 1 << 20  # unit of work handed to a worker thread
+OUT_BYTES = 16 << 20  # output is handed to the sink in pieces of at most this size ...
+OUT_RING = 4  # ... from this many reused buffers (a sink may hold up to OUT_RING - 1 of them)
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,8 @@ class Merger:
         self.progress = progress or (lambda n: None)
         self.n = len(self.models)
         self.pool = pool
+        self._buffers: dict[object, torch.Tensor] = {}
+        self._out_index = 0
 
     def _map(self, fn: Callable, items: Sequence) -> list:
         """Run ``fn`` over ``items`` on the worker threads (torch releases the GIL), in order."""
@@ -306,8 +310,7 @@ class Merger:
         row = self._row_numel(p)
         ranges = chunk_ranges(p.numel, self.opts.chunk_numel, row)
         dt = self._compute_dtype(p.name)
-        total = torch.empty(p.numel, dtype=dt, device=self.opts.device) \
-            if keep and len(ranges) == 1 else None
+        total = self._buffer("total", p.numel, dt) if keep and len(ranges) == 1 else None
         grams = []
         for s, e in ranges:
             w0, ws = self._chunks(p, s, e)
@@ -368,33 +371,58 @@ class Merger:
 
     def write_anchored(self, p: LayerPlan, t: torch.Tensor,
                        total: torch.Tensor | None = None) -> None:
-        """Write ``w0 + t mean_i(d_i)``, re-reading the inputs unless ``total`` is given."""
+        """Write ``w0 + t mean_i(d_i)``, re-reading the inputs unless ``total`` is given.
+
+        Output goes out in pieces of at most `OUT_BYTES`, from a small ring of reused buffers:
+        fresh chunk-sized allocations each time make glibc's heap grow with the model."""
         row = self._row_numel(p)
-        ranges = chunk_ranges(p.numel, self.opts.chunk_numel, row)
         check = self._output_may_overflow(p, float(t.min()), float(t.max()))
         dt = self._compute_dtype(p.name)
         scale = t / self.n
-        for s, e in ranges:
+        out_numel = max(1, OUT_BYTES // p.out_dtype.itemsize)
+        for s, e in chunk_ranges(p.numel, self.opts.chunk_numel, row):
             w0, ws = self._chunks(p, s, e)
-            out = torch.empty(e - s, dtype=p.out_dtype, device=self.opts.device)
+            if total is None:
+                chunk_total = self._buffer("total", e - s, dt)
 
-            def piece(r: tuple[int, int], s=s, w0=w0, ws=ws, out=out) -> None:
-                a, b = r
-                if total is None:
-                    tot = torch.empty(b - a, dtype=dt, device=self.opts.device)
-                    stock.chunk_stats(w0[a:b], [w[a:b] for w in ws], dt, row, tot,
+                def fill(r: tuple[int, int], w0=w0, ws=ws, tot=chunk_total) -> None:
+                    a, b = r
+                    stock.chunk_stats(w0[a:b], [w[a:b] for w in ws], dt, row, tot[a:b],
                                       with_gram=False)
-                else:
-                    tot = total[s + a : s + b]
-                sc = scale[(s + a) // row : (s + b) // row] if (row and scale.ndim) else scale
-                stock.combine(w0[a:b], tot, sc, out[a:b], row)
 
-            self._map(piece, self._pieces(s, e, row))
-            if check:
-                self._check_output(p, out, [self.anchor, *self.models], float(t.mean()))
-            self.sink.write(p.name, out)
-            self.progress(e - s)
+                self._map(fill, self._pieces(s, e, row))
+            else:
+                chunk_total = total[s:e]
+            for a, b in chunk_ranges(e - s, out_numel, row):
+                out = self._out_buffer(b - a, p.out_dtype)
+
+                def piece(r: tuple[int, int], a=a, s=s, w0=w0, tot=chunk_total,
+                          out=out) -> None:
+                    lo, hi = a + r[0], a + r[1]
+                    sc = scale[(s + lo) // row : (s + hi) // row] if (row and scale.ndim) \
+                        else scale
+                    stock.combine(w0[lo:hi], tot[lo:hi], sc, out[r[0] : r[1]], row)
+
+                self._map(piece, self._pieces(a, b, row))
+                if check:
+                    self._check_output(p, out, [self.anchor, *self.models], float(t.mean()))
+                self.sink.write(p.name, out)
+                self.progress(b - a)
             self._release(p.name, s, e)
+
+    def _buffer(self, key: object, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable flat buffer of ``numel`` elements of ``dtype`` (grown when needed)."""
+        nbytes = numel * dtype.itemsize
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._buffers[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8,
+                                                   device=self.opts.device)
+        return buf[:nbytes].view(dtype)
+
+    def _out_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """The next buffer of the output ring: the sink may still be writing the last few."""
+        self._out_index = (self._out_index + 1) % OUT_RING
+        return self._buffer(("out", self._out_index), numel, dtype)
 
     # -- other rules -------------------------------------------------------------------------
     def write_simple(self, p: LayerPlan) -> LayerReport:

@@ -49,9 +49,10 @@ def plan_shards(layers: Sequence[LayerPlan], max_bytes: int) -> list[list[LayerP
 
 class BackgroundWriter:
     """Run file writes, in order, on one background thread, so that computing the next chunk
-    overlaps writing the last; at most ``depth`` chunks wait. Errors surface on the next call."""
+    overlaps writing the last; at most ``depth`` chunks wait (plus the one being written: the
+    engine's output ring must be longer). Errors surface on the next call."""
 
-    def __init__(self, depth: int = 3) -> None:
+    def __init__(self, depth: int = 2) -> None:
         self._queue: queue.Queue = queue.Queue(depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="modelstock-writer", daemon=True)
