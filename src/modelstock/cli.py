@@ -65,9 +65,14 @@ def _on_signal(signum, frame):
 
 
 def run_guarded(fn, *args, **kwargs):
-    """Run ``fn``; turn user errors into one line on stderr and an exit status, no traceback."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+    """Run ``fn``; turn user errors into one line on stderr and an exit status, no traceback.
+
+    SIGTERM and SIGHUP unwind like Ctrl-C (so temporaries are removed). SIGXFSZ is ignored so
+    that a file size limit (ulimit -f) is a clean "File too large" error, not a core dump.
+    """
+    handlers = {"SIGTERM": _on_signal, "SIGHUP": _on_signal, "SIGXFSZ": signal.SIG_IGN}
+    previous = {sig: signal.signal(sig, h) for name, h in handlers.items()
+                if (sig := getattr(signal, name, None)) is not None}
     try:
         return fn(*args, **kwargs)
     except ModelStockError as e:
@@ -83,6 +88,9 @@ def run_guarded(fn, *args, **kwargs):
     except _Terminated as e:
         click.echo("modelstock: terminated; nothing was written", err=True)
         sys.exit(128 + e.args[0])
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -333,8 +333,13 @@ class Merger:
         for s, e in chunk_ranges(p.numel, self.opts.chunk_numel):
             chunks = [self._read(r, p.name, s, e) for r in readers]
             if p.rule == "copy":
-                out = chunks[0]
-                differs = differs or any(not torch.equal(out, c) for c in chunks[1:])
+                # Integer widths may differ across inputs (int32 vs int64): store the anchor's.
+                out = chunks[0].to(p.out_dtype)
+                if not torch.equal(out.to(chunks[0].dtype), chunks[0]):
+                    raise ModelStockError(f"values do not fit the anchor's {p.out_dtype}",
+                                          readers[0].path, p.name)
+                differs = differs or any(not torch.equal(chunks[0], c.to(chunks[0].dtype))
+                                         for c in chunks[1:])
             elif p.rule == "anchor":
                 out = chunks[0].to(p.out_dtype)
             else:
