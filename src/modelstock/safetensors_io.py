@@ -235,6 +235,8 @@ class SafetensorsWriter:
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
         """Append the next chunk of tensor ``name`` (flat, the declared dtype, in order)."""
+        if chunk.numel() == 0:  # nothing to place (zero-size tensors are skipped on declaration)
+            return
         if self._index >= len(self._entries) or self._entries[self._index][0] != name:
             expected = self._entries[self._index][0] if self._index < len(self._entries) else None
             raise RuntimeError(f"{self.path}: wrote '{name}' but '{expected}' comes next")
