@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -200,12 +201,20 @@ def _put_in_place(tmp: Path, out: Path, force: bool) -> None:
     elif _exchange(tmp, out):
         _remove(tmp)  # now holds the old output
     else:
+        # No atomic exchange: set the old output aside, put the new one in place. Between
+        # the two renames ``out`` is absent; an interruption there puts the old one back (a
+        # SIGKILL there leaves it as ``...-old``, which the next run puts back).
         old = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-old"
-        os.rename(out, old)
         try:
+            os.rename(out, old)
             os.rename(tmp, out)
         except BaseException:
-            os.rename(old, out)
+            with _signals_deferred():
+                if old.exists():
+                    if out.exists():  # interrupted just after the rename: the new one is in
+                        _remove(old)
+                    else:
+                        os.rename(old, out)
             raise
         _remove(old)
 
@@ -222,16 +231,27 @@ def _missing_dirs(path: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM/SIGHUP until the block ends (they are delivered afterwards)."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
-        yield
+    """Hold SIGINT/SIGTERM/SIGHUP until the block ends, then deliver them (once each).
+
+    Python-level handlers, not a signal mask: a mask is per thread, and the kernel hands a
+    process-directed signal to any thread that does not block it (torch starts threads).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
         return
-    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    caught: list[int] = []
+    previous = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not None:
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 @contextlib.contextmanager
