@@ -6,6 +6,9 @@ with counts, is ``python benchmarks/fuzz_readers.py --seconds 600`` (or ``pytest
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from fuzz_readers import (
     pickle_seeds,
     safetensors_bytes,
 )
+from hostile_files import REPO, cli_env
 
 SMALL = settings(max_examples=150, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -75,3 +79,14 @@ def test_fuzz_pickle(data, seeds, workdir: Path) -> None:
     path = workdir / "fuzz.bin"
     path.write_bytes(blob)
     assert check(path, workdir / "out.safetensors", marker) is None
+
+
+@pytest.mark.slow
+def test_fuzz_large_budget(tmp_path: Path) -> None:
+    """Five minutes of fuzzing over all readers: zero crashes."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fuzz_readers.py"),
+                           "--seconds", "300", "--save", str(tmp_path)], env=cli_env(),
+                          capture_output=True, text=True, timeout=1800)
+    report = json.loads(proc.stdout)
+    assert sum(r["inputs"] for r in report.values()) > 1000
+    assert proc.returncode == 0, {k: r["crash_kinds"] for k, r in report.items()}

@@ -190,3 +190,16 @@ def test_hf_cache_snapshot_with_symlinked_shards(tmp_path: Path) -> None:
         assert torch.equal(reader.read("layer.weight").view(8, 8), anchor["layer.weight"])
     finally:
         reader.close()
+
+
+def test_old_torch_refuses_pickles(tmp_path: Path, monkeypatch) -> None:
+    """weights_only could run code before torch 2.6 (CVE-2025-32434): refuse, unless trusted."""
+    from torch.torch_version import TorchVersion
+
+    path = tmp_path / "model.bin"
+    torch.save({"w": torch.ones(2)}, path)
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.5.1"))
+    with pytest.raises(ModelStockError, match="CVE-2025-32434") as info:
+        open_checkpoint(path)
+    check_one_line(str(info.value), path)
+    assert set(open_checkpoint(path, trust_pickle=True).infos) == {"w"}

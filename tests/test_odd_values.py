@@ -258,3 +258,25 @@ def test_cli_allow_nonfinite(tmp_path: Path) -> None:
     merged = load_file(tmp_path / "o2" / "model.safetensors")
     assert torch.isnan(merged["layer.weight"][0, 0])
     assert torch.isfinite(merged["layer.weight"].reshape(-1)[1:]).all()
+
+
+def test_narrower_output_dtype_overflow_is_an_error() -> None:
+    w0 = torch.full((4,), 1e5)
+    models = [{"w": w0 + 1}, {"w": w0 + 2}]
+    with pytest.raises(ModelStockError, match="'w'.*overflow"):
+        merge_state_dicts({"w": w0}, models, dtype=torch.float16)
+
+
+def test_complex64_is_copied_and_complex128_refused_before_writing(tmp_path: Path) -> None:
+    c = torch.randn(3, dtype=torch.complex64)
+    anchor = {"c": c, "w": torch.randn(3)}
+    models = [{"c": c.clone(), "w": torch.randn(3)} for _ in range(2)]
+    mem, disk = roundtrip(anchor, models, tmp_path)
+    assert torch.equal(mem["c"], c) and torch.equal(disk["c"], c)
+    wide = [{k: v.to(torch.complex128) if k == "c" else v for k, v in s.items()}
+            for s in [anchor, *models]]
+    out = tmp_path / "wide"
+    with pytest.raises(ModelStockError, match="complex128 cannot be stored in safetensors") as e:
+        merge_checkpoints(wide[0], wide[1:], out)
+    assert str(out) in str(e.value) and "'c'" in str(e.value)
+    assert not out.exists() and not list(tmp_path.glob(".wide*"))

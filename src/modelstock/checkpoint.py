@@ -76,9 +76,18 @@ class TorchFileReader(StateDictReader):
             raise ModelStockError("no tensors found in this checkpoint", path)
 
 
+# torch.load(weights_only=True) could still run code before 2.6 (CVE-2025-32434).
+SAFE_WEIGHTS_ONLY = "2.6"
+
+
 def _load_pickle(path: str, trust: bool):
     if os.path.getsize(path) == 0:
         raise ModelStockError("empty file", path)
+    if not trust and torch.__version__ < SAFE_WEIGHTS_ONLY:
+        raise ModelStockError(f"refusing to unpickle with torch {torch.__version__}: its "
+                              "weights_only loader is not safe before 2.6 (CVE-2025-32434); "
+                              "upgrade torch, convert to safetensors, or pass --trust-pickle",
+                              path)
     try:
         is_zip = zipfile.is_zipfile(path)
         with warnings.catch_warnings():  # torch's warnings would break the one-line error
