@@ -119,7 +119,8 @@ SHARD_NAMES = ["a.safetensors", "b.safetensors", "bad.safetensors", "sub/c.safet
                "folder.safetensors", "link_out.safetensors", "link_in.safetensors",
                "model.safetensors.index.json", "other.index.json", "p.bin", "missing.safetensors",
                "../outside.safetensors", "/etc/passwd", "", ".", "sub/../a.safetensors",
-               "a\0.safetensors", "./a.safetensors", "sub//c.safetensors", "fifo"]
+               "a\0.safetensors", "./a.safetensors", "sub//c.safetensors", "fifo",
+               "a\udd00.safetensors"]
 TENSOR_NAMES = ["w", "x", "y", "z", "q"]
 
 
@@ -264,4 +265,8 @@ def _open_read_merge(path: Path, out: Path) -> None:
         reader.close()
     if total <= 100_000:
         merge_state_dicts(path, [path, path])
-        merge_checkpoints(path, [path, path], out, force=True)
+        if path.stat().st_size % 2:  # one .safetensors file
+            merge_checkpoints(path, [path, path], out.with_suffix(".safetensors"), force=True)
+        else:  # a directory: tiny shards, an index, the report and the model card
+            merge_checkpoints(path, [path, path], out.with_suffix(""), force=True,
+                              shard_size=64)

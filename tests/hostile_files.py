@@ -279,6 +279,11 @@ def index_null_byte(d: Path) -> Path:
     return _index(d, {"w": "a\0b.safetensors"})
 
 
+def index_lone_surrogate(d: Path) -> Path:
+    """JSON's "\\udd00" escape decodes to a string no file system can name."""
+    return _index(d, {"w": "a\udd00.safetensors"})
+
+
 def empty_index(d: Path) -> Path:
     return _write(d / "model.safetensors.index.json", b"")
 
@@ -308,8 +313,8 @@ HOSTILE: dict[str, Callable[[Path], Path]] = {f.__name__: f for f in [
     shape_overflows, empty_safetensors, empty_bin, garbage_bin, not_a_state_dict,
     truncated_zip_pt, code_exec_pickle, code_exec_raw_pickle, code_exec_zip, index_absolute_path,
     index_dotdot, index_symlink_outside, index_missing_shard, index_names_itself,
-    index_shard_lacks_tensor, index_malformed, index_null_byte, empty_index, dir_without_weights,
-    empty_dir, fifo,
+    index_shard_lacks_tensor, index_malformed, index_null_byte, index_lone_surrogate,
+    empty_index, dir_without_weights, empty_dir, fifo,
 ]}
 # Builders whose payload would run code (creating ``d / "PWNED"``) if it were unpickled.
 CODE_EXEC = {"code_exec_pickle", "code_exec_raw_pickle", "code_exec_zip"}

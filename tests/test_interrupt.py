@@ -23,7 +23,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hostile_files import cli_env
+from hostile_files import cli_env, valid_models
+from modelstock import ModelStockError, merge_checkpoints
 
 HARNESS = Path(__file__).with_name("interrupt_harness.py")
 TMP_TAG = ".modelstock-tmp-"
@@ -176,3 +177,27 @@ cat {mnt}/out/model.safetensors > {tmp_path}/old
     assert (tmp_path / "ls").read_text().split() == ["out"]  # no temporary left
     assert (tmp_path / "ls_out").read_text().split() == ["model.safetensors"]
     assert (tmp_path / "old").read_text() == "an earlier, complete model"
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_next_run_cleans_up_after_a_sigkill(tmp_path: Path) -> None:
+    """What a SIGKILL leaves (a temporary; without renameat2 maybe the old output set aside)
+    is dealt with by the next run on the same output: temporaries removed, old output back."""
+    anchor, ft1, ft2 = valid_models(tmp_path / "in")
+    out = tmp_path / "out"
+    pid = _dead_pid()
+    half = tmp_path / f".out{TMP_TAG}{pid}-abcd1234"
+    half.mkdir()
+    (half / "model-00001-of-00002.safetensors").write_bytes(b"half written")
+    aside = tmp_path / f".out{TMP_TAG}{pid}-old"
+    before = old_output(aside)
+    with pytest.raises(ModelStockError, match="already exists"):  # the old output is back
+        merge_checkpoints(anchor, [ft1, ft2], out)
+    assert digest(out) == before and temps(out) == []
+    merge_checkpoints(anchor, [ft1, ft2], out, force=True)
+    assert "model.safetensors" in digest(out) and digest(out) != before

@@ -188,6 +188,11 @@ def _inside(root: Path, shard: str, index: str, name: str) -> Path:
     if "\0" in shard:
         raise ModelStockError(f"refusing shard path {shard!r}: it contains a NUL byte", index,
                               name)
+    try:
+        os.fsencode(shard)
+    except UnicodeError:  # e.g. a lone surrogate from a JSON "\udd00" escape
+        raise ModelStockError(f"refusing shard path {shard!r}: not a valid file name", index,
+                              name) from None
     if os.path.isabs(shard) or ".." in Path(shard).parts:
         raise ModelStockError(f"refusing shard path {shard!r}: it points outside the model "
                               "directory", index, name)
