@@ -280,3 +280,23 @@ def test_complex64_is_copied_and_complex128_refused_before_writing(tmp_path: Pat
         merge_checkpoints(wide[0], wide[1:], out)
     assert str(out) in str(e.value) and "'c'" in str(e.value)
     assert not out.exists() and not list(tmp_path.glob(".wide*"))
+
+
+@pytest.mark.skipif(not FLOAT8, reason="this torch has no float8 dtypes")
+@pytest.mark.parametrize("dtype", FLOAT8, ids=str)
+def test_float8_nan_and_averaged_float8(dtype, tmp_path: Path) -> None:
+    """float8 has no torch.isfinite: NaN checks and averaged float8 tensors must still work."""
+    g = torch.Generator().manual_seed(4)
+    w0 = torch.randn(16, generator=g)
+    ws = [w0 + 0.3 * torch.randn(16, generator=g) for _ in range(2)]
+    anchor = {"w": w0.to(dtype)}
+    models = [{"w": w.to(dtype), "new_head": w.to(dtype)} for w in ws]  # head: averaged
+    out, _ = merge_state_dicts(anchor, models)
+    assert out["new_head"].dtype == dtype
+    nan = ws[1].clone()
+    nan[3] = float("nan")
+    models[1] = {"w": nan.to(dtype), "new_head": ws[1].to(dtype)}
+    with pytest.raises(ModelStockError, match="'w'.*NaN or Inf"):
+        merge_checkpoints(anchor, models, tmp_path / "out")
+    out, _ = merge_state_dicts(anchor, models, allow_nonfinite=True)
+    assert torch.isnan(out["w"][3].float()) and torch.isfinite(out["w"].float()[:3]).all()

@@ -216,7 +216,8 @@ def _put_in_place(tmp: Path, out: Path, force: bool) -> None:
                     else:
                         os.rename(old, out)
             raise
-        _remove(old)
+        with _signals_deferred():  # the new output is in place: finish, then honour a signal
+            _remove(old)
 
 
 def _missing_dirs(path: Path) -> list[Path]:
