@@ -76,18 +76,28 @@ def _steady_heap() -> None:
 
 
 def run_guarded(fn, *args, **kwargs):
-    """Run ``fn``; turn user errors into one line on stderr and an exit status, no traceback."""
+    """Run ``fn``; turn user errors into one line on stderr and an exit status, no traceback.
+
+    SIGTERM and SIGHUP unwind like Ctrl-C (so temporaries are removed). SIGXFSZ is ignored so
+    that a file size limit (ulimit -f) is a clean "File too large" error, not a core dump. The
+    handlers are set inside the outer ``try`` so that a signal arriving at any point, even
+    while reporting an error, still ends in a clean exit.
+    """
     _steady_heap()
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+    handlers = {"SIGTERM": _on_signal, "SIGHUP": _on_signal, "SIGXFSZ": signal.SIG_IGN}
+    previous = {}
     try:
-        return fn(*args, **kwargs)
-    except ModelStockError as e:
-        click.echo(f"modelstock: error: {e}", err=True)
-        sys.exit(1)
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        click.echo(f"modelstock: error: {where}{e.strerror or e}", err=True)
+        try:
+            for name, handler in handlers.items():
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    previous[sig] = signal.signal(sig, handler)
+            return fn(*args, **kwargs)
+        except ModelStockError as e:
+            message = str(e)
+        except OSError as e:
+            message = (f"{e.filename}: " if e.filename else "") + str(e.strerror or e)
+        click.echo(f"modelstock: error: {message}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("modelstock: interrupted; nothing was written", err=True)
@@ -95,6 +105,9 @@ def run_guarded(fn, *args, **kwargs):
     except _Terminated as e:
         click.echo("modelstock: terminated; nothing was written", err=True)
         sys.exit(128 + e.args[0])
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -205,6 +205,13 @@ def _plan_layer(name: str, anchor: Reader, models: Sequence[Reader],
     return plan
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf (torch has no isfinite for float8: check those in float32)."""
+    if t.is_floating_point() and t.dtype.itemsize == 1:
+        t = t.float()
+    return bool(torch.isfinite(t).all())
+
+
 def chunk_ranges(numel: int, chunk_numel: int, row_numel: int | None = None
                  ) -> list[tuple[int, int]]:
     """Element ranges covering ``numel``; with rows, each range holds whole rows (at least one)."""
@@ -279,14 +286,14 @@ class Merger:
     def _nonfinite(self, p: LayerPlan, readers: Sequence[Reader]) -> ModelStockError:
         for r in readers:
             for s, e in chunk_ranges(p.numel, self.opts.chunk_numel):
-                if not torch.isfinite(r.read(p.name, s, e)).all():
+                if not _all_finite(r.read(p.name, s, e)):
                     return ModelStockError("contains NaN or Inf (pass --allow-nonfinite to "
                                            "merge anyway)", r.path, p.name)
         return ModelStockError("merged values overflow", tensor=p.name)
 
     def _check_output(self, p: LayerPlan, out: torch.Tensor, readers: Sequence[Reader],
                       t: float | None = None) -> None:
-        if self.opts.allow_nonfinite or torch.isfinite(out).all():
+        if self.opts.allow_nonfinite or _all_finite(out):
             return
         err = self._nonfinite(p, readers)
         if err.path is None:
@@ -434,8 +441,13 @@ class Merger:
         for s, e in chunk_ranges(p.numel, self.opts.chunk_numel):
             chunks = [self._read(r, p.name, s, e) for r in readers]
             if p.rule == "copy":
-                out = chunks[0]
-                differs = differs or any(not torch.equal(out, c) for c in chunks[1:])
+                # Integer widths may differ across inputs (int32 vs int64): store the anchor's.
+                out = chunks[0].to(p.out_dtype)
+                if not torch.equal(out.to(chunks[0].dtype), chunks[0]):
+                    raise ModelStockError(f"values do not fit the anchor's {p.out_dtype}",
+                                          readers[0].path, p.name)
+                differs = differs or any(not torch.equal(chunks[0], c.to(chunks[0].dtype))
+                                         for c in chunks[1:])
             elif p.rule == "anchor":
                 out = chunks[0].to(p.out_dtype)
             else:  # average or linear; with weights (method linear) a weighted mean
