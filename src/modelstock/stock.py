@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 # Elements per cache block in `chunk_stats`: the N task vectors of a block stay in cache.
-BLOCK_NUMEL = 1 << 18
+BLOCK_NUMEL = 1 << 16
 # |1 + (N-1) cos| below this is treated as the formula's pole (see `stock_ratio`).
 SINGULAR_EPS = 1e-6
 
