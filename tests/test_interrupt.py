@@ -96,8 +96,11 @@ def test_real_cli_interrupted_mid_write(sig: int, tmp_path: Path) -> None:
     before = old_output(out) if sig == signal.SIGTERM else None
     cmd = [sys.executable, "-m", "modelstock", "merge", *inputs, "-o", str(out), "-q",
            "--chunk-size", "1"] + (["--force"] if before else [])
+    # A shell's background job (CI may run us as one) inherits SIGINT ignored, and then Python
+    # keeps it ignored: give the child the default disposition, as a terminal would.
     proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                        signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         # Wait until the new model is being written: a shard file inside the temporary.
