@@ -34,6 +34,19 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120
                           capture_output=True, text=True, timeout=timeout)
 
 
+def merged_by_cli(*args: str) -> dict[str, torch.Tensor]:
+    """Run ``modelstock merge ARGS -q`` in-process; return every tensor it wrote."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from modelstock.cli import main
+
+    result = CliRunner().invoke(main, ["merge", *args, "-q"])
+    assert result.exit_code == 0, result.output
+    out = Path(args[args.index("-o") + 1])
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
 @pytest.fixture
 def cli():
     return run_cli

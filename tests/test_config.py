@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from modelstock import MergeOptions, ModelStockError
 from modelstock.cli import main
 from modelstock.config import load_config, parse_config, to_mergekit_yaml
+from tests.conftest import merged_by_cli
 
 
 @pytest.fixture
@@ -34,11 +35,7 @@ def paths(tmp_path: Path) -> list[str]:
     return out
 
 
-def run(*args: str) -> dict[str, torch.Tensor]:
-    result = CliRunner().invoke(main, ["merge", *args, "-q"])
-    assert result.exit_code == 0, result.output
-    out = Path(args[args.index("-o") + 1])
-    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+run = merged_by_cli  # run `modelstock merge ... -q`, return the tensors
 
 
 def write_yaml(tmp_path: Path, doc: dict, name: str = "merge.yml") -> str:

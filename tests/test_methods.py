@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from modelstock import MergeOptions, ModelStockError, greedy_soup, merge_state_dicts
 from modelstock.cli import main
 from modelstock.soups import load_score
+from tests.conftest import merged_by_cli
 
 # -- NumPy references, written from the papers' formulas, sharing no code with the library ------
 
@@ -64,12 +65,7 @@ def save_all(tmp: Path, w0: dict, ws: list[dict]) -> list[str]:
     return paths
 
 
-def cli(*args: str) -> dict[str, torch.Tensor]:
-    """Run `modelstock merge ... -q`; return the merged tensors (or fail with its stderr)."""
-    result = CliRunner().invoke(main, ["merge", *args, "-q"])
-    assert result.exit_code == 0, result.output
-    out = Path(args[args.index("-o") + 1])
-    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+cli = merged_by_cli  # run `modelstock merge ... -q`, return the tensors
 
 
 def cli_error(*args: str) -> str:

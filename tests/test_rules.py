@@ -104,3 +104,16 @@ def test_no_input_yields_nonfinite_output(granularity: str) -> None:
         assert torch.isfinite(out["w"]).all()
         assert all(v is None or torch.isfinite(torch.tensor(v)) for layer in report.layers
                    for v in (layer.t, layer.cos))
+
+
+def test_integer_buffer_only_in_anchor_is_taken_from_it() -> None:
+    # transformers 5 does not save BERT's position_ids; the packaged MiniLM has them.
+    sds = make_finetunes({"w": (4, 4)})
+    sds[0]["embeddings.position_ids"] = torch.arange(8).unsqueeze(0)
+    out, report = merge_state_dicts(sds[0], sds[1:])
+    assert torch.equal(out["embeddings.position_ids"], torch.arange(8).unsqueeze(0))
+    assert by_name(report)["embeddings.position_ids"].rule == "copy"
+    assert any("position_ids" in w for w in report.warnings)
+    sds[0]["float_only_in_anchor"] = torch.ones(3)
+    with pytest.raises(ModelStockError, match="float_only_in_anchor"):
+        merge_state_dicts(sds[0], sds[1:])

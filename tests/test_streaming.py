@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -68,19 +67,20 @@ def test_on_disk_chunked_equals_in_memory(tmp_path: Path) -> None:
 
 
 PEAK_RSS = r"""
-import json, sys, resource
-from modelstock import merge_checkpoints
-anchor, a, b, out, chunk = sys.argv[1:]
-merge_checkpoints(anchor, [a, b], out, chunk_numel=int(chunk), threads=2)
+import runpy, sys
+sys.argv = ["modelstock", *sys.argv[1:]]
+try:
+    runpy.run_module("modelstock", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    assert not e.code, e.code
 with open("/proc/self/status") as f:
-    hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
-print(json.dumps({"peak_kib": hwm}))
+    print(next(int(l.split()[1]) for l in f if l.startswith("VmHWM")))
 """
 
 
-def peak_rss_mib(tmp_path: Path, rows: int, chunk: int) -> float:
-    """Peak RSS of a fresh process merging a (rows x 1024) float32 model, N = 2."""
-    d = tmp_path / f"r{rows}"
+def peak_rss_mib(tmp_path: Path, rows: int, chunk: int, threads: int = 2) -> float:
+    """Peak RSS of ``modelstock merge`` in a fresh process on a (rows x 1024) float32 model."""
+    d = tmp_path / f"r{rows}-t{threads}"
     d.mkdir()
     g = torch.Generator().manual_seed(0)
     base = torch.randn(rows, 1024, generator=g)
@@ -88,13 +88,13 @@ def peak_rss_mib(tmp_path: Path, rows: int, chunk: int) -> float:
         w = base if i == 0 else base + 0.01 * torch.randn(rows, 1024, generator=g)
         save_file({"big": w, "small": w[:4].clone()}, d / f"m{i}.safetensors")
     del base, w
-    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *(str(d / f"m{i}.safetensors")
-                                                              for i in range(3)),
-                           str(d / "out"), str(chunk)],
+    args = ["merge", *(str(d / f"m{i}.safetensors") for i in range(3)), "-o", str(d / "out"),
+            "-q", "--chunk-size", str(chunk), "--threads", str(threads)]
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *args],
                           env=dict(os.environ, PYTHONPATH=str(SRC)), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
+    return int(proc.stdout.strip().splitlines()[-1]) / 1024
 
 
 def test_peak_memory_does_not_grow_with_model_size(tmp_path: Path) -> None:

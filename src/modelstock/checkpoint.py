@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import stat
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,17 +76,28 @@ class TorchFileReader(StateDictReader):
             raise ModelStockError("no tensors found in this checkpoint", path)
 
 
+# torch.load(weights_only=True) could still run code before 2.6 (CVE-2025-32434).
+SAFE_WEIGHTS_ONLY = "2.6"
+
+
 def _load_pickle(path: str, trust: bool):
     if os.path.getsize(path) == 0:
         raise ModelStockError("empty file", path)
+    if not trust and torch.__version__ < SAFE_WEIGHTS_ONLY:
+        raise ModelStockError(f"refusing to unpickle with torch {torch.__version__}: its "
+                              "weights_only loader is not safe before 2.6 (CVE-2025-32434); "
+                              "upgrade torch, convert to safetensors, or pass --trust-pickle",
+                              path)
     try:
         is_zip = zipfile.is_zipfile(path)
-        return torch.load(path, map_location="cpu", weights_only=not trust, mmap=is_zip)
+        with warnings.catch_warnings():  # torch's warnings would break the one-line error
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        if not trust and "weights_only" in str(e):
+        if not trust and "weights_only" in str(e).replace(" ", "_").lower():
             raise ModelStockError(
                 "refusing to unpickle: this file needs code execution, not just tensors "
-                f"({_first_line(e)}); pass --trust-pickle only if you trust its source", path,
+                f"({_refusal_reason(e)}); pass --trust-pickle only if you trust its source", path,
             ) from None
         raise ModelStockError(f"corrupt pickle ({_first_line(e)})", path) from None
     except MemoryError:
@@ -94,8 +108,14 @@ def _load_pickle(path: str, trust: bool):
                               path) from None
 
 
+def _refusal_reason(e: BaseException) -> str:
+    """The one useful line of torch's weights_only refusal: which global it would have called."""
+    m = re.search(r"(Unsupported [^\n]*?)(?: was not an allowed global|\. |\n|$)", str(e))
+    return m.group(1) if m else _first_line(e)
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:200]
 
 
@@ -122,26 +142,31 @@ class ShardedReader:
     def __init__(self, index_path: str | os.PathLike, trust_pickle: bool = False) -> None:
         self.path = str(index_path)
         try:
-            with open(self.path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
+            with _open_regular(self.path) as f:
+                weight_map = json.loads(f.read().decode("utf-8"))["weight_map"]
             if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
             ):
                 raise ValueError("weight_map must map tensor names to file names")
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise ModelStockError(f"malformed index ({_first_line(e)})", self.path) from None
-        root = Path(self.path).resolve().parent
+        # Not resolved: in a Hugging Face cache the index itself is a symlink into blobs/.
+        root = Path(os.path.abspath(self.path)).parent
         self._shards: dict[str, Reader] = {}
         self._where: dict[str, Reader] = {}
-        for name, shard in weight_map.items():
-            if shard not in self._shards:
-                self._shards[shard] = _open_file(_inside(root, shard, self.path, name),
-                                                 trust_pickle)
-            reader = self._shards[shard]
-            if name not in reader.infos:
-                raise ModelStockError(f"the index places this tensor in {shard}, which lacks it",
-                                      self.path, name)
-            self._where[name] = reader
+        try:
+            for name, shard in weight_map.items():
+                if shard not in self._shards:
+                    target = _inside(root, shard, self.path, name)
+                    self._shards[shard] = _open_file(target, trust_pickle, index_ok=False)
+                reader = self._shards[shard]
+                if name not in reader.infos:
+                    raise ModelStockError(f"the index places this tensor in {shard}, which "
+                                          "lacks it", self.path, name)
+                self._where[name] = reader
+        except BaseException:
+            self.close()
+            raise
         self.infos = {name: self._where[name].infos[name] for name in self._where}
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -156,12 +181,27 @@ class ShardedReader:
 
 
 def _inside(root: Path, shard: str, index: str, name: str) -> Path:
-    """Resolve a shard name from an index, refusing anything outside the model directory."""
+    """Resolve a shard name from an index, refusing anything outside the model directory.
+
+    Symlinks are followed only when they stay in the directory, or, for a Hugging Face cache
+    snapshot (``<repo>/snapshots/<rev>/``), in that repository's ``blobs/``.
+    """
+    if "\0" in shard:
+        raise ModelStockError(f"refusing shard path {shard!r}: it contains a NUL byte", index,
+                              name)
+    try:
+        os.fsencode(shard)
+    except UnicodeError:  # e.g. a lone surrogate from a JSON "\udd00" escape
+        raise ModelStockError(f"refusing shard path {shard!r}: not a valid file name", index,
+                              name) from None
     if os.path.isabs(shard) or ".." in Path(shard).parts:
         raise ModelStockError(f"refusing shard path {shard!r}: it points outside the model "
                               "directory", index, name)
     target = (root / shard).resolve()
-    if root not in target.parents:
+    allowed = [root.resolve()]
+    if root.parent.name == "snapshots":
+        allowed.append((root.parent.parent / "blobs").resolve())
+    if not any(a in target.parents for a in allowed):
         raise ModelStockError(f"refusing shard path {shard!r}: it resolves outside the model "
                               "directory", index, name)
     if not target.is_file():
@@ -193,10 +233,26 @@ class RenamedReader:
         self._inner.close()
 
 
-def _open_file(path: Path, trust_pickle: bool) -> Reader:
+def _open_regular(path: str | os.PathLike):
+    """Open for reading, refusing anything but a regular file: a FIFO or a device would block
+    or never end. (O_NONBLOCK so that opening a FIFO does not wait for a writer.)"""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ModelStockError(f"cannot read ({e.strerror or e})", path) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ModelStockError("not a regular file", path)
+    return os.fdopen(fd, "rb")
+
+
+def _open_file(path: Path, trust_pickle: bool, index_ok: bool = True) -> Reader:
     if path.name.endswith(".index.json"):
+        if not index_ok:  # an index naming an index: a loop, or a maze to walk
+            raise ModelStockError("an index may name weight files only, not another index",
+                                  path)
         return ShardedReader(path, trust_pickle)
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         magic = f.read(9)
     if path.suffix == ".safetensors" or (len(magic) == 9 and magic[8:9] == b"{"):
         return SafetensorsReader(path)

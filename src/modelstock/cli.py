@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import re
 import signal
@@ -65,18 +66,38 @@ def _on_signal(signum, frame):
     raise _Terminated(signum)
 
 
-def run_guarded(fn, *args, **kwargs):
-    """Run ``fn``; turn user errors into one line on stderr and an exit status, no traceback."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+def _steady_heap() -> None:
+    """Fix glibc's mmap threshold at 2 MiB: by default it rises with each large buffer freed,
+    after which chunk-sized buffers come from the heap and the heap grows with the model."""
     try:
-        return fn(*args, **kwargs)
-    except ModelStockError as e:
-        click.echo(f"modelstock: error: {e}", err=True)
-        sys.exit(1)
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        click.echo(f"modelstock: error: {where}{e.strerror or e}", err=True)
+        ctypes.CDLL(None).mallopt(-3, 2 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def run_guarded(fn, *args, **kwargs):
+    """Run ``fn``; turn user errors into one line on stderr and an exit status, no traceback.
+
+    SIGTERM and SIGHUP unwind like Ctrl-C (so temporaries are removed). SIGXFSZ is ignored so
+    that a file size limit (ulimit -f) is a clean "File too large" error, not a core dump. The
+    handlers are set inside the outer ``try`` so that a signal arriving at any point, even
+    while reporting an error, still ends in a clean exit.
+    """
+    _steady_heap()
+    handlers = {"SIGTERM": _on_signal, "SIGHUP": _on_signal, "SIGXFSZ": signal.SIG_IGN}
+    previous = {}
+    try:
+        try:
+            for name, handler in handlers.items():
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    previous[sig] = signal.signal(sig, handler)
+            return fn(*args, **kwargs)
+        except ModelStockError as e:
+            message = str(e)
+        except OSError as e:
+            message = (f"{e.filename}: " if e.filename else "") + str(e.strerror or e)
+        click.echo(f"modelstock: error: {message}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("modelstock: interrupted; nothing was written", err=True)
@@ -84,6 +105,9 @@ def run_guarded(fn, *args, **kwargs):
     except _Terminated as e:
         click.echo("modelstock: terminated; nothing was written", err=True)
         sys.exit(128 + e.args[0])
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -164,13 +188,15 @@ RECIPE_FLAGS = ("method", "alpha", "weights", "granularity", "dtype", "score")
                    "pass through to the output elementwise.")
 @click.option("--device", default="cpu", show_default=True,
               help="Where to run the arithmetic (e.g. cuda). Inputs stream from disk either way.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Worker threads for the arithmetic on CPU [default: cores, at most 4].")
 @click.option("-f", "--force", is_flag=True,
               help="Replace an existing output (only once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.pass_context
 def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granularity,
           no_clamp, average, keep_anchor, dtype, shard_size, chunk_size, strip_prefix,
-          trust_pickle, allow_nonfinite, device, force, quiet):
+          trust_pickle, allow_nonfinite, device, threads, force, quiet):
     """Merge fine-tuned MODELs with their pretrained ANCHOR into OUT.
 
     ANCHOR is the pretrained model the fine-tunes started from (with the head they started
@@ -201,8 +227,9 @@ def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granu
     if method == "greedy" and weights is not None:
         raise click.UsageError("--weights: a greedy soup is the plain mean of the kept models")
     io_kw = {"shard_size": shard_size, "force": force, "trust_pickle": trust_pickle,
-          "strip_prefix": strip_prefix, "progress": not quiet}
-    engine = {"chunk_numel": chunk_size, "allow_nonfinite": allow_nonfinite, "device": device}
+             "strip_prefix": strip_prefix, "progress": not quiet}
+    engine = {"chunk_numel": chunk_size, "allow_nonfinite": allow_nonfinite, "device": device,
+              "threads": threads}
 
     def job():
         nonlocal anchor, models

@@ -8,11 +8,12 @@ read twice, chunk by chunk (a Gram pass, then an output pass).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ GRANULARITIES = ("tensor", "row", "model")
 BATCHNORM_STATS = ("running_mean", "running_var")
 DEFAULT_CHUNK_NUMEL = 1 << 24  # 64 MiB of float32 per input per chunk
 PIECE_NUMEL = 1 << 20  # unit of work handed to a worker thread
+OUT_BYTES = 16 << 20  # output is handed to the sink in pieces of at most this size ...
+OUT_RING = 4  # ... from this many reused buffers (a sink may hold up to OUT_RING - 1 of them)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class LayerPlan:
     out_dtype: torch.dtype
     rule: str
     anchored: bool = False  # merged towards the anchor by the method's ratio t
+    from_anchor: bool = False  # a copy taken from the anchor rather than the fine-tunes
     note: str | None = None
 
     @property
@@ -116,8 +120,14 @@ def plan_merge(anchor: Reader, models: Sequence[Reader], opts: MergeOptions) -> 
                               f"got {len(models)}")
     if opts.weights is not None and len(opts.weights) != len(models):
         raise ModelStockError(f"{len(opts.weights)} weights for {len(models)} models")
+    buffers_from_anchor = []
     for m in models:
         missing = [k for k in anchor.infos if k not in m.infos]
+        # An integer buffer only the anchor has (e.g. position_ids, which some versions of
+        # transformers do not save) is carried over from the anchor; a weight is an error.
+        buffers = [k for k in missing if not anchor.infos[k].dtype.is_floating_point]
+        buffers_from_anchor += [k for k in buffers if k not in buffers_from_anchor]
+        missing = [k for k in missing if k not in buffers]
         if missing:
             few = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
             raise ModelStockError(f"missing {len(missing)} tensor(s) that the anchor "
@@ -139,8 +149,18 @@ def plan_merge(anchor: Reader, models: Sequence[Reader], opts: MergeOptions) -> 
         few = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
         plan.warnings.append(f"{len(extra)} tensor(s) are not in the anchor and were averaged "
                              f"(no anchor to merge towards): {few}")
+    if buffers_from_anchor:
+        plan.warnings.append(f"{len(buffers_from_anchor)} integer buffer(s) missing from some "
+                             f"fine-tunes were taken from the anchor: "
+                             f"{', '.join(buffers_from_anchor[:5])}")
     for name in names:
-        plan.layers.append(_plan_layer(name, anchor, models, opts))
+        if name in buffers_from_anchor:
+            info = anchor.infos[name]
+            plan.layers.append(LayerPlan(name, info.shape, info.dtype, "copy",
+                                         from_anchor=True, note="missing from a fine-tune; "
+                                         "taken from the anchor"))
+        else:
+            plan.layers.append(_plan_layer(name, anchor, models, opts))
     return plan
 
 
@@ -185,6 +205,13 @@ def _plan_layer(name: str, anchor: Reader, models: Sequence[Reader],
     return plan
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf (torch has no isfinite for float8: check those in float32)."""
+    if t.is_floating_point() and t.dtype.itemsize == 1:
+        t = t.float()
+    return bool(torch.isfinite(t).all())
+
+
 def chunk_ranges(numel: int, chunk_numel: int, row_numel: int | None = None
                  ) -> list[tuple[int, int]]:
     """Element ranges covering ``numel``; with rows, each range holds whole rows (at least one)."""
@@ -216,6 +243,8 @@ class Merger:
         self.progress = progress or (lambda n: None)
         self.n = len(self.models)
         self.pool = pool
+        self._buffers: dict[object, torch.Tensor] = {}
+        self._out_index = 0
 
     def _map(self, fn: Callable, items: Sequence) -> list:
         """Run ``fn`` over ``items`` on the worker threads (torch releases the GIL), in order."""
@@ -257,14 +286,14 @@ class Merger:
     def _nonfinite(self, p: LayerPlan, readers: Sequence[Reader]) -> ModelStockError:
         for r in readers:
             for s, e in chunk_ranges(p.numel, self.opts.chunk_numel):
-                if not torch.isfinite(r.read(p.name, s, e)).all():
+                if not _all_finite(r.read(p.name, s, e)):
                     return ModelStockError("contains NaN or Inf (pass --allow-nonfinite to "
                                            "merge anyway)", r.path, p.name)
         return ModelStockError("merged values overflow", tensor=p.name)
 
     def _check_output(self, p: LayerPlan, out: torch.Tensor, readers: Sequence[Reader],
                       t: float | None = None) -> None:
-        if self.opts.allow_nonfinite or torch.isfinite(out).all():
+        if self.opts.allow_nonfinite or _all_finite(out):
             return
         err = self._nonfinite(p, readers)
         if err.path is None:
@@ -288,8 +317,7 @@ class Merger:
         row = self._row_numel(p)
         ranges = chunk_ranges(p.numel, self.opts.chunk_numel, row)
         dt = self._compute_dtype(p.name)
-        total = torch.empty(p.numel, dtype=dt, device=self.opts.device) \
-            if keep and len(ranges) == 1 else None
+        total = self._buffer("total", p.numel, dt) if keep and len(ranges) == 1 else None
         grams = []
         for s, e in ranges:
             w0, ws = self._chunks(p, s, e)
@@ -350,46 +378,76 @@ class Merger:
 
     def write_anchored(self, p: LayerPlan, t: torch.Tensor,
                        total: torch.Tensor | None = None) -> None:
-        """Write ``w0 + t mean_i(d_i)``, re-reading the inputs unless ``total`` is given."""
+        """Write ``w0 + t mean_i(d_i)``, re-reading the inputs unless ``total`` is given.
+
+        Output goes out in pieces of at most `OUT_BYTES`, from a small ring of reused buffers:
+        fresh chunk-sized allocations each time make glibc's heap grow with the model."""
         row = self._row_numel(p)
-        ranges = chunk_ranges(p.numel, self.opts.chunk_numel, row)
         check = self._output_may_overflow(p, float(t.min()), float(t.max()))
         dt = self._compute_dtype(p.name)
         scale = t / self.n
-        for s, e in ranges:
+        out_numel = max(1, OUT_BYTES // p.out_dtype.itemsize)
+        for s, e in chunk_ranges(p.numel, self.opts.chunk_numel, row):
             w0, ws = self._chunks(p, s, e)
-            out = torch.empty(e - s, dtype=p.out_dtype, device=self.opts.device)
+            if total is None:
+                chunk_total = self._buffer("total", e - s, dt)
 
-            def piece(r: tuple[int, int], s=s, w0=w0, ws=ws, out=out) -> None:
-                a, b = r
-                if total is None:
-                    tot = torch.empty(b - a, dtype=dt, device=self.opts.device)
-                    stock.chunk_stats(w0[a:b], [w[a:b] for w in ws], dt, row, tot,
+                def fill(r: tuple[int, int], w0=w0, ws=ws, tot=chunk_total) -> None:
+                    a, b = r
+                    stock.chunk_stats(w0[a:b], [w[a:b] for w in ws], dt, row, tot[a:b],
                                       with_gram=False)
-                else:
-                    tot = total[s + a : s + b]
-                sc = scale[(s + a) // row : (s + b) // row] if (row and scale.ndim) else scale
-                stock.combine(w0[a:b], tot, sc, out[a:b], row)
 
-            self._map(piece, self._pieces(s, e, row))
-            if check:
-                self._check_output(p, out, [self.anchor, *self.models], float(t.mean()))
-            self.sink.write(p.name, out)
-            self.progress(e - s)
+                self._map(fill, self._pieces(s, e, row))
+            else:
+                chunk_total = total[s:e]
+            for a, b in chunk_ranges(e - s, out_numel, row):
+                out = self._out_buffer(b - a, p.out_dtype)
+
+                def piece(r: tuple[int, int], a=a, s=s, w0=w0, tot=chunk_total,
+                          out=out) -> None:
+                    lo, hi = a + r[0], a + r[1]
+                    sc = scale[(s + lo) // row : (s + hi) // row] if (row and scale.ndim) \
+                        else scale
+                    stock.combine(w0[lo:hi], tot[lo:hi], sc, out[r[0] : r[1]], row)
+
+                self._map(piece, self._pieces(a, b, row))
+                if check:
+                    self._check_output(p, out, [self.anchor, *self.models], float(t.mean()))
+                self.sink.write(p.name, out)
+                self.progress(b - a)
             self._release(p.name, s, e)
+
+    def _buffer(self, key: object, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable flat buffer of ``numel`` elements of ``dtype`` (grown when needed)."""
+        nbytes = numel * dtype.itemsize
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._buffers[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8,
+                                                   device=self.opts.device)
+        return buf[:nbytes].view(dtype)
+
+    def _out_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """The next buffer of the output ring: the sink may still be writing the last few."""
+        self._out_index = (self._out_index + 1) % OUT_RING
+        return self._buffer(("out", self._out_index), numel, dtype)
 
     # -- other rules -------------------------------------------------------------------------
     def write_simple(self, p: LayerPlan) -> LayerReport:
         rep = LayerReport(p.name, list(p.shape), p.rule, str(p.out_dtype).removeprefix("torch."),
                           note=p.note)
-        readers = [self.anchor] if p.rule == "anchor" else self.models
+        readers = [self.anchor] if (p.rule == "anchor" or p.from_anchor) else self.models
         dt = self._compute_dtype(p.name)
         differs = False
         for s, e in chunk_ranges(p.numel, self.opts.chunk_numel):
             chunks = [self._read(r, p.name, s, e) for r in readers]
             if p.rule == "copy":
-                out = chunks[0]
-                differs = differs or any(not torch.equal(out, c) for c in chunks[1:])
+                # Integer widths may differ across inputs (int32 vs int64): store the anchor's.
+                out = chunks[0].to(p.out_dtype)
+                if not torch.equal(out.to(chunks[0].dtype), chunks[0]):
+                    raise ModelStockError(f"values do not fit the anchor's {p.out_dtype}",
+                                          readers[0].path, p.name)
+                differs = differs or any(not torch.equal(chunks[0], c.to(chunks[0].dtype))
+                                         for c in chunks[1:])
             elif p.rule == "anchor":
                 out = chunks[0].to(p.out_dtype)
             else:  # average or linear; with weights (method linear) a weighted mean
@@ -439,6 +497,25 @@ class Merger:
         return reports
 
 
+@contextlib.contextmanager
+def worker_pool(opts: MergeOptions) -> Iterator[Executor | None]:
+    """Worker threads for the CPU kernels (None for one thread or a GPU), with one intra-op
+    torch thread meanwhile: OpenMP teams spin-wait, which collapses on a busy machine."""
+    on_cpu = str(opts.device) == "cpu"
+    threads = opts.threads or min(4, os.cpu_count() or 1) if on_cpu else 1
+    before = torch.get_num_threads()
+    if on_cpu:
+        torch.set_num_threads(1)
+    try:
+        if threads > 1:
+            with ThreadPoolExecutor(threads, thread_name_prefix="modelstock") as pool:
+                yield pool
+        else:
+            yield None
+    finally:
+        torch.set_num_threads(before)
+
+
 def merge_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions,
                   make_sink: Callable[[MergePlan], object],
                   progress: bool = False) -> tuple[object, MergeReport]:
@@ -449,18 +526,11 @@ def merge_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions,
     total = sum(p.numel for p in plan.layers)
     if opts.granularity == "model" and opts.method == "model-stock":
         total += sum(p.numel for p in plan.layers if p.anchored)
-    threads = 1 if str(opts.device) != "cpu" else (opts.threads or min(4, os.cpu_count() or 1))
-    torch_threads = torch.get_num_threads()
-    # One intra-op thread per worker: OpenMP teams spin-wait, which collapses on a busy machine.
-    torch.set_num_threads(1) if threads > 1 else None
-    try:
-        with tqdm(total=total, disable=None if progress else True, unit="param", unit_scale=True,
-                  file=sys.stderr, desc="merging", dynamic_ncols=True) as bar, \
-                ThreadPoolExecutor(threads, thread_name_prefix="modelstock") as pool:
-            merger = Merger(anchor, models, opts, sink, bar.update, pool if threads > 1 else None)
-            layers = merger.run(plan)
-    finally:
-        torch.set_num_threads(torch_threads)
+    with worker_pool(opts) as pool, \
+            tqdm(total=total, disable=None if progress else True, unit="param",
+                 unit_scale=True, file=sys.stderr, desc="merging", dynamic_ncols=True) as bar:
+        merger = Merger(anchor, models, opts, sink, bar.update, pool)
+        layers = merger.run(plan)
     report = MergeReport(method=opts.method, n_models=len(models), granularity=opts.granularity,
                          clamp=opts.clamp, layers=layers, alpha=opts.alpha,
                          weights=None if opts.weights is None else list(opts.weights),

@@ -24,7 +24,15 @@ from tqdm import tqdm
 
 from .api import Source, _open_all
 from .checkpoint import Reader
-from .engine import DEFAULT_CHUNK_NUMEL, LayerPlan, MergeOptions, Merger, chunk_ranges, plan_merge
+from .engine import (
+    DEFAULT_CHUNK_NUMEL,
+    LayerPlan,
+    MergeOptions,
+    Merger,
+    chunk_ranges,
+    plan_merge,
+    worker_pool,
+)
 from .errors import ModelStockError
 from .report import LayerReport, MergeReport
 
@@ -312,15 +320,11 @@ def _plan_each(anchor: Reader, models: Sequence[Reader], opts: MergeOptions
     return out
 
 
-def _anchor_norm(anchor: Reader, p: LayerPlan, cached, chunk_numel: int) -> float:
-    """``|w0|``: from the chunk the Gram pass kept (in its compute dtype: a display figure,
-    good to ~1e-6), else streamed from the anchor chunk by chunk (tensors over one chunk)."""
-    if cached is not None:
-        return float(torch.linalg.vector_norm(cached[0]))
+def _anchor_norm(anchor: Reader, p: LayerPlan, chunk_numel: int) -> float:
+    """``|w0|``, streamed from the anchor chunk by chunk, in float64."""
     sq = 0.0
     for s, e in chunk_ranges(p.numel, chunk_numel):
         sq += float(torch.linalg.vector_norm(anchor.read(p.name, s, e), dtype=torch.float64)) ** 2
-        anchor.release(p.name, s, e)
     return math.sqrt(sq)
 
 
@@ -343,9 +347,10 @@ def inspect_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions
     total = sum(p.numel for p in entries if measurable(p))
     kinds = layer_kinds({p.name: tuple(p.shape) for p in entries}, head)
     layers: list[LayerGeometry] = []
-    with tqdm(total=total, disable=not progress, unit="param", unit_scale=True, file=sys.stderr,
-              desc="inspecting", dynamic_ncols=True) as bar:
-        merger = Merger(anchor, models, opts, sink=None, progress=bar.update)
+    with worker_pool(opts) as pool, \
+            tqdm(total=total, disable=None if progress else True, unit="param",
+                 unit_scale=True, file=sys.stderr, desc="inspecting", dynamic_ncols=True) as bar:
+        merger = Merger(anchor, models, opts, sink=None, progress=bar.update, pool=pool)
         for p in entries:
             if isinstance(p, LayerReport):
                 layers.append(LayerGeometry(p, kinds[p.name], in_anchor=p.name in anchor.infos))
@@ -357,13 +362,12 @@ def inspect_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions
                                             in_anchor=p.name in anchor.infos))
                 continue
             try:
-                g, cached = merger.layer_gram(p, keep=True, count=True)
+                g, _ = merger.layer_gram(p, keep=False, count=True)
             except ModelStockError as e:
                 layers.append(LayerGeometry(LayerReport(p.name, list(p.shape), "skipped", dtype,
                                                         note=str(e)), kinds[p.name]))
                 continue
-            norm = _anchor_norm(anchor, p, cached, opts.chunk_numel)
-            del cached  # free the task vectors before the next layer allocates its own
+            norm = _anchor_norm(anchor, p, opts.chunk_numel)
             for r in [anchor, *models]:
                 r.release(p.name)
             if p.anchored:

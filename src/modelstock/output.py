@@ -15,6 +15,7 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from .engine import LayerPlan
 from .errors import ModelStockError
-from .safetensors_io import SafetensorsWriter
+from .safetensors_io import DTYPE_NAMES, SafetensorsWriter
 
 INDEX_NAME = "model.safetensors.index.json"
 REPORT_NAME = "modelstock_report.json"
@@ -49,9 +50,10 @@ def plan_shards(layers: Sequence[LayerPlan], max_bytes: int) -> list[list[LayerP
 
 class BackgroundWriter:
     """Run file writes, in order, on one background thread, so that computing the next chunk
-    overlaps writing the last; at most ``depth`` chunks wait. Errors surface on the next call."""
+    overlaps writing the last; at most ``depth`` chunks wait (plus the one being written: the
+    engine's output ring must be longer). Errors surface on the next call."""
 
-    def __init__(self, depth: int = 3) -> None:
+    def __init__(self, depth: int = 2) -> None:
         self._queue: queue.Queue = queue.Queue(depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="modelstock-writer", daemon=True)
@@ -100,6 +102,10 @@ class SafetensorsSink:
             names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
                      for i in range(len(groups))]
             self.directory = target
+        for p in layers:  # before anything is written
+            if p.out_dtype not in DTYPE_NAMES:
+                raise ModelStockError(f"{p.out_dtype} cannot be stored in safetensors",
+                                      target, p.name)
         self.files = [self.directory / n for n in names]
         self._groups, self._metadata = groups, metadata
         self._shard_of = {p.name: i for i, g in enumerate(groups) for p in g}
@@ -150,6 +156,7 @@ def check_output_path(out: Path, inputs: Sequence[object], force: bool) -> None:
             if p == resolved or resolved in p.parents:
                 raise ModelStockError("the output would replace an input; choose another -o",
                                       out)
+    _remove_stale_temps(out)  # also puts back an old output that a kill left set aside
     if out.exists() or out.is_symlink():
         if not force:
             raise ModelStockError("already exists; pass --force to replace it", out)
@@ -159,15 +166,22 @@ def check_output_path(out: Path, inputs: Sequence[object], force: bool) -> None:
 
 
 def _remove_stale_temps(out: Path) -> None:
-    """Delete temporaries of earlier runs on ``out`` whose process is gone (e.g. SIGKILLed)."""
+    """Delete temporaries of earlier runs on ``out`` whose process is gone (e.g. SIGKILLed).
+
+    The one exception: an old output set aside by `_put_in_place` (``...-old``) is renamed back
+    to ``out`` if a kill left ``out`` missing, so a kill never loses a complete model.
+    """
     prefix = f".{out.name}{TMP_TAG}"
     with contextlib.suppress(OSError):
-        for p in out.parent.iterdir():
+        for p in sorted(out.parent.iterdir()):
             if not p.name.startswith(prefix):
                 continue
             pid = p.name[len(prefix):].split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
-                _remove(p)
+                if p.name.endswith("-old") and not (out.exists() or out.is_symlink()):
+                    os.rename(p, out)
+                else:
+                    _remove(p)
 
 
 def _alive(pid: int) -> bool:
@@ -188,44 +202,133 @@ def _remove(p: Path) -> None:
             p.unlink()
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """rename with renameat2 ``flags`` (atomic no-replace or exchange); False where the kernel,
+    the C library or the file system lacks it; OSError for any other failure."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
-    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.ENOTSUP):
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.ENOTSUP):
         return False
-    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(b))
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    return _renameat2(a, b, RENAME_EXCHANGE)
+
+
+def _put_in_place(tmp: Path, out: Path, force: bool) -> None:
+    """Move the complete ``tmp`` to ``out``. ``out`` is at every instant either absent, the old
+    output or the new one; with ``force`` it is never absent where the kernel can exchange."""
+    if not (out.exists() or out.is_symlink()):
+        try:
+            if _renameat2(tmp, out, RENAME_NOREPLACE):
+                return
+        except FileExistsError:
+            pass  # appeared meanwhile: handled below
+        else:
+            os.rename(tmp, out)
+            return
+    if not force:
+        raise ModelStockError("appeared while merging (another run?); pass --force to replace "
+                              "it", out)
+    if tmp.is_file():
+        os.replace(tmp, out)  # atomic for a file
+    elif _exchange(tmp, out):
+        _remove(tmp)  # now holds the old output
+    else:
+        # No atomic exchange: set the old output aside, put the new one in place. Between
+        # the two renames ``out`` is absent; an interruption there puts the old one back (a
+        # SIGKILL there leaves it as ``...-old``, which the next run puts back).
+        old = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-old"
+        try:
+            os.rename(out, old)
+            os.rename(tmp, out)
+        except BaseException:
+            with _signals_deferred():
+                if old.exists():
+                    if out.exists():  # interrupted just after the rename: the new one is in
+                        _remove(old)
+                    else:
+                        os.rename(old, out)
+            raise
+        with _signals_deferred():  # the new output is in place: finish, then honour a signal
+            _remove(old)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The ancestors of ``path`` that do not exist yet, deepest first."""
+    missing = []
+    for p in path.absolute().parents:
+        if p.exists():
+            break
+        missing.append(p)
+    return missing
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP until the block ends, then deliver them (once each).
+
+    Python-level handlers, not a signal mask: a mask is per thread, and the kernel hands a
+    process-directed signal to any thread that does not block it (torch starts threads).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    caught: list[int] = []
+    previous = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not None:
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 @contextlib.contextmanager
 def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to build in; put it in place only if the block
-    completes. On any exception (or signal turned into one) the temporary is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
-    tmp = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+    completes. On any exception (or signal turned into one) the temporary, and any parent
+    directory made for it, is removed; an OSError (a full disk) becomes a ModelStockError."""
     is_dir = out.suffix != ".safetensors"
-    if is_dir:
-        tmp.mkdir()
+    tmp = out.parent / (f".{out.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+                        + ("" if is_dir else ".safetensors"))
+    made = _missing_dirs(out)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out)
+        if is_dir:
+            tmp.mkdir()
         yield tmp
-        if not (out.exists() or out.is_symlink()):
-            os.rename(tmp, out)
-        elif _exchange(tmp, out):
-            _remove(tmp)  # now holds the old output
-        else:
-            old = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-old"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            _remove(old)
-    except BaseException:
-        _remove(tmp)
+        _put_in_place(tmp, out, force)
+    except BaseException as e:
+        with _signals_deferred():  # a second Ctrl-C must not cut the cleanup short
+            _remove(tmp)
+            for d in made:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        if isinstance(e, OSError):
+            where = "" if str(e.filename or "").startswith(str(tmp)) or not e.filename \
+                else f": {e.filename}"
+            raise ModelStockError(f"cannot write the output ({e.strerror or e}{where}); "
+                                  "nothing was written", out) from None
+        if isinstance(e, ModelStockError) and str(tmp) in str(e):  # name what the user named
+            raise ModelStockError(str(e).replace(str(tmp), str(out))) from None
         raise
 
 

@@ -38,7 +38,9 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 for _name, _attr in [("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")]:
+                     ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+                     ("C64", "complex64"), ("U16", "uint16"), ("U32", "uint32"),
+                     ("U64", "uint64")]:
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
@@ -138,6 +140,9 @@ def _parse_entry(path: str, name: str, entry, data_start: int, data_len: int) ->
         raise bad(f"data_offsets {offsets} run past the end of the data ({data_len} bytes); "
                   "the file is truncated or corrupt")
     info = TensorInfo(tuple(shape), DTYPES[dtype_name], data_start + begin)
+    if math.prod(max(d, 1) for d in shape) * info.dtype.itemsize >= 2**63:
+        # Zero elements allow any other dimension; torch's int64 strides do not.
+        raise bad(f"shape {shape} is too large for any tensor")
     if end - begin != info.nbytes:
         raise bad(f"data_offsets span {end - begin} bytes but shape {shape} x {dtype_name} "
                   f"needs {info.nbytes}")
@@ -230,6 +235,8 @@ class SafetensorsWriter:
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
         """Append the next chunk of tensor ``name`` (flat, the declared dtype, in order)."""
+        if chunk.numel() == 0:  # nothing to place (zero-size tensors are skipped on declaration)
+            return
         if self._index >= len(self._entries) or self._entries[self._index][0] != name:
             expected = self._entries[self._index][0] if self._index < len(self._entries) else None
             raise RuntimeError(f"{self.path}: wrote '{name}' but '{expected}' comes next")
@@ -255,4 +262,8 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path}: '{self._entries[self._index][0]}' was not written")
 
     def abort(self) -> None:
-        self._file.close()
+        """Close without checks; a failing flush (a full disk) is not raised a second time."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
