@@ -276,7 +276,8 @@ def family_table(rows: Sequence[dict], ood: Sequence[str] = OOD_TOPICS) -> list[
         if r.get("kind") == "periodic":
             out.append(summarize([r], f"periodic Model Stock, every {r['period']} {r['unit']}"
                                       f" ({r['optimizer_state']} opt. state)", metrics)
-                       | {"cost": "2", "kind": "periodic"})
+                       | {"cost": "2",
+                          "kind": f"periodic-{r['period']}{r['unit']}-{r['optimizer_state']}"})
     return out
 
 
@@ -435,7 +436,7 @@ def analyze(ctx: Context, seeds: Sequence[int], out_dir: Path, name: str,
     cfg, final = ctx.cfg, ctx.cfg.epochs
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = epoch_rows(ctx, final, seeds, full=True)
-    rows += periodic_rows(ctx, seeds[:2], cfg.snapshots)
+    rows += periodic_rows(ctx, seeds[:2], sorted({1, 3, 5, final} & set(cfg.snapshots)))
     final_rows = [r for r in rows if r.get("epoch") in (0, final)]
     table = family_table(final_rows, ctx.ood)
     comparison = pair_comparison(final_rows)
