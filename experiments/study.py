@@ -150,11 +150,13 @@ def disagreement(ctx: Context, a: str, b: str) -> float:
     return float(np.mean(np.concatenate([pa[k] != pb[k] for k in keys])))
 
 
-def epoch_rows(ctx: Context, epoch: int, seeds: Sequence[int], full: bool) -> list[dict]:
+def epoch_rows(ctx: Context, epoch: int, seeds: Sequence[int], full: bool,
+               reverse: bool = False) -> list[dict]:
     """Every model at one training length. ``full``: all pairs, N=3/4, WiSE-FT, greedy soup;
-    otherwise disjoint pairs and the uniform soup only."""
+    otherwise disjoint pairs and the uniform soup only. ``reverse`` evaluates in the opposite
+    order (a second process then meets the first half way; rows come back in the usual order)."""
     e = f"e{epoch:02d}"
-    ev, A = ctx.evaluate, ctx.anchor
+    A = ctx.anchor
     cache: dict[int, dict] = {}
 
     def ft(s: int):
@@ -162,40 +164,43 @@ def epoch_rows(ctx: Context, epoch: int, seeds: Sequence[int], full: bool) -> li
             cache[s] = ctx.ft(s, epoch)
         return cache[s]
 
-    rows = [ev("zero-shot", A, kind="zero-shot", alpha=0.0, epoch=0)]
+    def of(group, method, alpha=None):
+        return lambda: merged(A, [ft(s) for s in group], method, alpha)()
+
+    specs = [("zero-shot", A, {"kind": "zero-shot", "alpha": 0.0, "epoch": 0})]
     for s in seeds:
-        rows.append(ev(f"{e}/ft/s{s}", lambda s=s: ft(s), kind="fine-tune", seed=s, epoch=epoch))
+        specs.append((f"{e}/ft/s{s}", lambda s=s: ft(s),
+                      {"kind": "fine-tune", "seed": s, "epoch": epoch}))
     pairs = (list(itertools.combinations(seeds, 2)) if full
              else [tuple(seeds[i : i + 2]) for i in range(0, len(seeds) - 1, 2)])
     for p in pairs:
-        sds = lambda p=p: [ft(s) for s in p]  # noqa: E731
-        rows.append(ev(f"{e}/ms/{tag(p)}", lambda sds=sds: merged(A, sds(), "model-stock")(),
-                       kind="model-stock", seeds=list(p), epoch=epoch))
-        rows.append(ev(f"{e}/uni/{tag(p)}", lambda sds=sds: merged(A, sds(), "uniform")(),
-                       kind="uniform-2", seeds=list(p), epoch=epoch))
+        specs.append((f"{e}/ms/{tag(p)}", of(p, "model-stock"),
+                      {"kind": "model-stock", "seeds": list(p), "epoch": epoch}))
+        specs.append((f"{e}/uni/{tag(p)}", of(p, "uniform"),
+                      {"kind": "uniform-2", "seeds": list(p), "epoch": epoch}))
     if len(seeds) > 2:
-        rows.append(ev(f"{e}/soup/{tag(seeds)}",
-                       lambda: merged(A, [ft(s) for s in seeds], "uniform")(),
-                       kind="uniform-soup", seeds=list(seeds), epoch=epoch))
-    if not full:
-        return rows
-    for n, limit in ((3, N_SUBSETS), (4, N_SUBSETS)):
-        for idx in subsets(len(seeds), n, limit, seed=n):
-            grp = [seeds[i] for i in idx]
-            rows.append(ev(f"{e}/ms{n}/{tag(grp)}",
-                           lambda g=grp: merged(A, [ft(s) for s in g], "model-stock")(),
-                           kind=f"model-stock-{n}", seeds=grp, epoch=epoch))
-            rows.append(ev(f"{e}/uni{n}/{tag(grp)}",
-                           lambda g=grp: merged(A, [ft(s) for s in g], "uniform")(),
-                           kind=f"uniform-{n}", seeds=grp, epoch=epoch))
-    s0 = seeds[0]
-    for a in WISE_ALPHAS:
-        rows.append(ev(f"{e}/wise{a:.2f}/s{s0}",
-                       lambda a=a: merged(A, [ft(s0)], "wise-ft", alpha=a)(),
-                       kind="wise-ft", alpha=a, seeds=[s0], epoch=epoch, curve=f"s{s0}"))
-    greedy = greedy_row(ctx, epoch, seeds, ft)
-    if greedy is not None:
-        rows.append(greedy)
+        specs.append((f"{e}/soup/{tag(seeds)}", of(seeds, "uniform"),
+                      {"kind": "uniform-soup", "seeds": list(seeds), "epoch": epoch}))
+    if full:
+        for n, limit in ((3, N_SUBSETS), (4, N_SUBSETS)):
+            for idx in subsets(len(seeds), n, limit, seed=n):
+                grp = [seeds[i] for i in idx]
+                specs.append((f"{e}/ms{n}/{tag(grp)}", of(grp, "model-stock"),
+                              {"kind": f"model-stock-{n}", "seeds": grp, "epoch": epoch}))
+                specs.append((f"{e}/uni{n}/{tag(grp)}", of(grp, "uniform"),
+                              {"kind": f"uniform-{n}", "seeds": grp, "epoch": epoch}))
+        s0 = seeds[0]
+        for a in WISE_ALPHAS:
+            specs.append((f"{e}/wise{a:.2f}/s{s0}", of([s0], "wise-ft", a),
+                          {"kind": "wise-ft", "alpha": a, "seeds": [s0], "epoch": epoch,
+                           "curve": f"s{s0}"}))
+    order = range(len(specs) - 1, -1, -1) if reverse else range(len(specs))
+    done = {i: ctx.evaluate(specs[i][0], specs[i][1], **specs[i][2]) for i in order}
+    rows = [done[i] for i in range(len(specs))]
+    if full:
+        greedy = greedy_row(ctx, epoch, seeds, ft)
+        if greedy is not None:
+            rows.append(greedy)
     return rows
 
 
@@ -411,7 +416,7 @@ def cmd_rows(args: argparse.Namespace) -> None:
         seeds = [s for s in pool if ctx.has(s, epoch)]
         print(f"rows of epoch {epoch}: seeds {seeds}", flush=True)
         if len(seeds) >= 2:
-            epoch_rows(ctx, epoch, seeds, full=final)
+            epoch_rows(ctx, epoch, seeds, full=final, reverse=args.reverse)
         print(f"  {ctx.evaluate.count} evaluations so far ({ctx.evaluate.seconds:.0f} s)",
               flush=True)
 
@@ -576,6 +581,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--regime", choices=REGIMES, default="noisy")
     r.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     r.add_argument("--at", type=int, nargs="+", required=True, help="snapshot epochs")
+    r.add_argument("--reverse", action="store_true", help="evaluate in reverse order")
     r.set_defaults(func=cmd_rows)
     a = sub.add_parser("analyze", help="merges, geometry, tables, plots for a regime")
     a.add_argument("--regime", choices=REGIMES, default="noisy")
