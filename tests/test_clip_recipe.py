@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import torch
-
 from experiments import clip_imagenet
 from experiments.periodic import periodic_available
 

