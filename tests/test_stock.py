@@ -227,3 +227,19 @@ def test_row_granularity_matches_per_row_reference(n: int) -> None:
                          for r in range(6)])
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-12)
     assert layer.t_min <= layer.t <= layer.t_max
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16,
+                                   torch.float32])
+def test_all_finite_covers_float8(dtype: torch.dtype) -> None:
+    """torch.isfinite raises on float8; the shared check must answer for every float dtype."""
+    ok = torch.tensor([0.5, -1.0, 2.0]).to(dtype)
+    assert stock.all_finite(ok)
+    bad = torch.tensor([0.5, float("nan"), 2.0]).to(dtype)
+    assert not stock.all_finite(bad)
+
+
+def test_block_step_holds_whole_rows() -> None:
+    assert stock.block_step(None) == stock.BLOCK_NUMEL
+    assert stock.block_step(1000) % 1000 == 0 and stock.block_step(1000) <= stock.BLOCK_NUMEL
+    assert stock.block_step(stock.BLOCK_NUMEL * 3) == stock.BLOCK_NUMEL * 3  # at least one row

@@ -205,13 +205,6 @@ def _plan_layer(name: str, anchor: Reader, models: Sequence[Reader],
     return plan
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf (torch has no isfinite for float8: check those in float32)."""
-    if t.is_floating_point() and t.dtype.itemsize == 1:
-        t = t.float()
-    return bool(torch.isfinite(t).all())
-
-
 def chunk_ranges(numel: int, chunk_numel: int, row_numel: int | None = None
                  ) -> list[tuple[int, int]]:
     """Element ranges covering ``numel``; with rows, each range holds whole rows (at least one)."""
@@ -286,14 +279,14 @@ class Merger:
     def _nonfinite(self, p: LayerPlan, readers: Sequence[Reader]) -> ModelStockError:
         for r in readers:
             for s, e in chunk_ranges(p.numel, self.opts.chunk_numel):
-                if not _all_finite(r.read(p.name, s, e)):
+                if not stock.all_finite(r.read(p.name, s, e)):
                     return ModelStockError("contains NaN or Inf (pass --allow-nonfinite to "
                                            "merge anyway)", r.path, p.name)
         return ModelStockError("merged values overflow", tensor=p.name)
 
     def _check_output(self, p: LayerPlan, out: torch.Tensor, readers: Sequence[Reader],
                       t: float | None = None) -> None:
-        if self.opts.allow_nonfinite or _all_finite(out):
+        if self.opts.allow_nonfinite or stock.all_finite(out):
             return
         err = self._nonfinite(p, readers)
         if err.path is None:

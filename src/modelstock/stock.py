@@ -25,6 +25,18 @@ BLOCK_NUMEL = 1 << 16
 SINGULAR_EPS = 1e-6
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf (torch has no isfinite for float8: check those in float32)."""
+    if t.is_floating_point() and t.dtype.itemsize == 1:
+        t = t.float()
+    return bool(torch.isfinite(t).all())
+
+
+def block_step(row_numel: int | None) -> int:
+    """Elements per cache block: `BLOCK_NUMEL`, rounded down to whole rows (at least one)."""
+    return BLOCK_NUMEL if row_numel is None else max(1, BLOCK_NUMEL // row_numel) * row_numel
+
+
 def compute_dtype_for(*dtypes: torch.dtype | None) -> torch.dtype:
     """float32, unless an input is float64 (then float64: never compute below the inputs)."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
@@ -87,7 +99,7 @@ def chunk_stats(anchor: torch.Tensor, models: Sequence[torch.Tensor], dtype: tor
     Blocks hold whole rows when ``row_numel`` is given. ``with_gram=False`` only fills ``total``.
     """
     numel, n_models = anchor.numel(), len(models)
-    step = BLOCK_NUMEL if row_numel is None else max(1, BLOCK_NUMEL // row_numel) * row_numel
+    step = block_step(row_numel)
     buf = torch.empty((n_models, min(step, numel)), dtype=dtype, device=anchor.device)
     grams = []
     for s in range(0, numel, step):
@@ -160,7 +172,7 @@ def combine(anchor: torch.Tensor, total: torch.Tensor, scale: torch.Tensor | flo
     """
     scale = torch.as_tensor(scale, dtype=torch.float64)
     numel = anchor.numel()
-    step = BLOCK_NUMEL if row_numel is None else max(1, BLOCK_NUMEL // row_numel) * row_numel
+    step = block_step(row_numel)
     buf = torch.empty(min(step, numel), dtype=total.dtype, device=total.device)
     if scale.ndim:
         scale = scale.to(total.dtype).to(total.device)

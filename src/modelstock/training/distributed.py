@@ -260,7 +260,7 @@ class DistributedModelStock(Periodic):
                                                        live[p.name])
             else:
                 out = (total / self.n).to(p.out_dtype)
-                if not torch.isfinite(out).all():
+                if not stock.all_finite(out):
                     raise ModelStockError("averaged values are not finite (has a replica "
                                           "diverged?)", tensor=p.name)
                 live[p.name].copy_(out.view(p.shape))
