@@ -87,9 +87,11 @@ class SafetensorsSink:
     """Stream merged tensors into one or more safetensors files (one open file at a time)."""
 
     def __init__(self, target: Path, layers: Sequence[LayerPlan], max_shard_bytes: int | None,
-                 metadata: dict[str, str], single_file: bool = False) -> None:
+                 metadata: dict[str, str], single_file: bool = False,
+                 direct: bool = True) -> None:
         """``target`` is a directory (sharded HF layout), or the file to write if
-        ``single_file``."""
+        ``single_file``. ``direct`` writes around the page cache where possible."""
+        self.direct = direct
         self.single_file = single_file
         groups = [list(layers)] if (self.single_file or not max_shard_bytes) else \
             plan_shards(layers, max_shard_bytes)
@@ -123,7 +125,8 @@ class SafetensorsSink:
             if self._current is not None:
                 self._current[1].close()
             entries = [(p.name, p.out_dtype, p.shape) for p in self._groups[i]]
-            self._current = (i, SafetensorsWriter(self.files[i], entries, self._metadata))
+            self._current = (i, SafetensorsWriter(self.files[i], entries, self._metadata,
+                                                  direct=self.direct))
         self._current[1].write(name, chunk)
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .direct_io import OutputFile
 from .errors import ModelStockError
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
@@ -216,16 +217,19 @@ def header_bytes(entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
 
 
 class SafetensorsWriter:
-    """Write a safetensors file tensor by tensor, chunk by chunk, in the declared order."""
+    """Write a safetensors file tensor by tensor, chunk by chunk, in the declared order.
+
+    ``direct`` bypasses the page cache where the file system allows (see `direct_io`): much less
+    CPU for a large output that is not read back at once."""
 
     def __init__(self, path: str | os.PathLike,
                  entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, direct: bool = False) -> None:
         self.path = str(path)
         self._entries = [(n, d, tuple(s)) for n, d, s in entries]
         self._remaining = [math.prod(s) * d.itemsize for _, d, s in self._entries]
         self._index = 0
-        self._file = open(self.path, "xb")
+        self._file = OutputFile(self.path, direct)
         self._file.write(header_bytes(self._entries, metadata))
         self._skip_empty()
 
@@ -262,8 +266,5 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path}: '{self._entries[self._index][0]}' was not written")
 
     def abort(self) -> None:
-        """Close without checks; a failing flush (a full disk) is not raised a second time."""
-        try:
-            self._file.close()
-        except OSError:
-            pass
+        """Close without checks or a final flush (the file is being discarded)."""
+        self._file.abort()
