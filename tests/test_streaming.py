@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,33 @@ def test_threads_do_not_change_the_result() -> None:
     one, _ = merge_state_dicts(sds[0], sds[1:], threads=1)
     many, _ = merge_state_dicts(sds[0], sds[1:], threads=4)
     assert all(torch.equal(one[k], many[k]) for k in one)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_pipelined_output_on_disk_equals_one_thread(tmp_path: Path, monkeypatch,
+                                                    dtype: torch.dtype) -> None:
+    """Many output pieces per layer from the reused ring, a slow writer holding its share, layers
+    that fit a chunk (output deferred behind the next Gram pass) mixed with ones that do not."""
+    from modelstock import engine, output
+
+    sds = make_finetunes({"a": (90, 40), "small": (7,), "b": (300, 40), "c": (40, 90),
+                          "d": (5, 5)}, n=3, dtype=dtype)
+    for i, sd in enumerate(sds):
+        save_file(sd, tmp_path / f"m{i}.safetensors")
+    paths = [tmp_path / f"m{i}.safetensors" for i in range(4)]
+    monkeypatch.setattr(engine, "OUT_BYTES", 256)
+    monkeypatch.setattr(engine, "PIECE_NUMEL", 100)
+    expected, _ = merge_state_dicts(sds[0], sds[1:], threads=1, chunk_numel=4000)
+    write_now = output.SafetensorsSink._write_now
+
+    def slow(self, name, chunk):
+        time.sleep(0.002)
+        write_now(self, name, chunk)
+
+    monkeypatch.setattr(output.SafetensorsSink, "_write_now", slow)
+    merge_checkpoints(paths[0], paths[1:], tmp_path / "out", chunk_numel=4000, threads=4)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
 
 
 def test_chunk_ranges_cover_and_align() -> None:

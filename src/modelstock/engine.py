@@ -29,9 +29,11 @@ METHODS = ("model-stock", "uniform", "wise-ft", "linear")
 GRANULARITIES = ("tensor", "row", "model")
 BATCHNORM_STATS = ("running_mean", "running_var")
 DEFAULT_CHUNK_NUMEL = 1 << 24  # 64 MiB of float32 per input per chunk
-PIECE_NUMEL = 1 << 20  # unit of work handed to a worker thread
+PIECE_NUMEL = 1 << 21  # unit of work handed to a worker thread
 OUT_BYTES = 16 << 20  # output is handed to the sink in pieces of at most this size ...
-OUT_RING = 4  # ... from this many reused buffers (a sink may hold up to OUT_RING - 1 of them)
+OUT_RING = 6  # ... from this many reused buffers: a sink may hold SINK_HOLDS of them, and the
+SINK_HOLDS = 3  # rest are pieces still being computed
+TOTAL_SLOTS = 3  # sum_i d_i kept for: the layer being written, the next, the one after
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,16 @@ def chunk_ranges(numel: int, chunk_numel: int, row_numel: int | None = None
     return [(s, min(numel, s + step)) for s in range(0, numel, step)] or [(0, 0)]
 
 
+class _Done:
+    """The handle of work already done (no pool): `Future`'s ``result`` only."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def result(self) -> object:
+        return self.value
+
+
 class DictSink:
     """Collect the merged tensors in memory."""
 
@@ -238,12 +250,32 @@ class Merger:
         self.pool = pool
         self._buffers: dict[object, torch.Tensor] = {}
         self._out_index = 0
+        self._pending: list[tuple[list, Callable[[], None]]] = []
+        self._total_slot = 0
 
     def _map(self, fn: Callable, items: Sequence) -> list:
         """Run ``fn`` over ``items`` on the worker threads (torch releases the GIL), in order."""
+        return self._gather(self._submit(fn, items))
+
+    def _submit(self, fn: Callable, items: Sequence) -> list:
+        """Queue ``fn`` over ``items`` on the workers (first in, first out); with no pool, run
+        it now. `_gather` the handles for the results."""
         if self.pool is None or len(items) < 2:
-            return [fn(x) for x in items]
-        return list(self.pool.map(fn, items))
+            return [_Done(fn(x)) for x in items]
+        return [self.pool.submit(fn, x) for x in items]
+
+    @staticmethod
+    def _gather(handles: Sequence) -> list:
+        return [h.result() for h in handles]
+
+    def _flush(self) -> None:
+        """Hand the sink the output of the last anchored layer, whose pieces may still be
+        queued behind the next layer's Gram pieces (so that the workers never wait for the main
+        thread between the two). Every other path calls this before it writes or reads."""
+        pending, self._pending = self._pending, []
+        for handles, finish in pending:
+            self._gather(handles)
+            finish()
 
     @staticmethod
     def _pieces(s: int, e: int, row: int | None) -> list[tuple[int, int]]:
@@ -304,29 +336,56 @@ class Merger:
         return torch.finfo(p.out_dtype).max < widest
 
     # -- anchored layers (model_stock, wise_ft, average of a uniform soup) ----------------------
-    def layer_gram(self, p: LayerPlan, keep: bool = True, count: bool = False):
-        """Gram matrix of the task vectors ([N,N], or [R,N,N] per row) and, when the tensor fits
-        in one chunk and ``keep``, ``sum_i d_i`` (so the output pass need not re-read inputs)."""
+    def start_gram(self, p: LayerPlan) -> tuple[list, torch.Tensor] | None:
+        """Queue the Gram pieces of a layer that fits in one chunk, keeping ``sum_i d_i`` in the
+        next of `TOTAL_SLOTS` buffers, so that the workers can take it up while the main thread
+        still finishes the layer before; None for a layer that does not fit."""
         row = self._row_numel(p)
-        ranges = chunk_ranges(p.numel, self.opts.chunk_numel, row)
+        if len(chunk_ranges(p.numel, self.opts.chunk_numel, row)) != 1:
+            return None
         dt = self._compute_dtype(p.name)
-        total = self._buffer("total", p.numel, dt) if keep and len(ranges) == 1 else None
-        grams = []
-        for s, e in ranges:
-            w0, ws = self._chunks(p, s, e)
+        self._total_slot = (self._total_slot + 1) % TOTAL_SLOTS
+        total = self._buffer(("total", self._total_slot), p.numel, dt)
+        w0, ws = self._chunks(p, 0, p.numel)
 
-            def piece(r: tuple[int, int], s=s, w0=w0, ws=ws) -> torch.Tensor:
-                a, b = r
-                tot = None if total is None else total[s + a : s + b]
-                return stock.chunk_stats(w0[a:b], [w[a:b] for w in ws], dt, row, tot,
-                                         self.opts.allow_nonfinite)
+        def piece(r: tuple[int, int]) -> torch.Tensor:
+            a, b = r
+            return stock.chunk_stats(w0[a:b], [w[a:b] for w in ws], dt, row, total[a:b],
+                                     self.opts.allow_nonfinite)
 
-            grams.extend(self._map(piece, self._pieces(s, e, row)))
+        return self._submit(piece, self._pieces(0, p.numel, row)), total
+
+    def layer_gram(self, p: LayerPlan, keep: bool = True, count: bool = False,
+                   started: tuple[list, torch.Tensor] | None = None):
+        """Gram matrix of the task vectors ([N,N], or [R,N,N] per row) and, when the tensor fits
+        in one chunk and ``keep``, ``sum_i d_i`` (so the output pass need not re-read inputs).
+        ``started`` is what `start_gram` returned for ``p``, if it was called."""
+        if keep and started is None:
+            started = self.start_gram(p)
+        if started is not None:
+            handles, total = started
+            self._flush()  # the previous layer's output, while the workers go on with this one
+            grams = self._gather(handles)
             if count:
-                self.progress(e - s)
-            if total is None:
+                self.progress(p.numel)
+        else:
+            self._flush()
+            total, grams = None, []
+            row = self._row_numel(p)
+            dt = self._compute_dtype(p.name)
+            for s, e in chunk_ranges(p.numel, self.opts.chunk_numel, row):
+                w0, ws = self._chunks(p, s, e)
+
+                def piece(r: tuple[int, int], w0=w0, ws=ws) -> torch.Tensor:
+                    a, b = r
+                    return stock.chunk_stats(w0[a:b], [w[a:b] for w in ws], dt, row, None,
+                                             self.opts.allow_nonfinite)
+
+                grams.extend(self._map(piece, self._pieces(s, e, row)))
+                if count:
+                    self.progress(e - s)
                 self._release(p.name, s, e)
-        g = torch.cat(grams) if row else sum(grams[1:], grams[0])
+        g = torch.cat(grams) if grams[0].ndim == 3 else sum(grams[1:], grams[0])
         if not torch.isfinite(g).all():
             raise self._nonfinite(p, [self.anchor, *self.models])
         return g, total
@@ -380,10 +439,12 @@ class Merger:
         dt = self._compute_dtype(p.name)
         scale = t / self.n
         out_numel = max(1, OUT_BYTES // p.out_dtype.itemsize)
+        if total is None:
+            self._flush()
         for s, e in chunk_ranges(p.numel, self.opts.chunk_numel, row):
             w0, ws = self._chunks(p, s, e)
             if total is None:
-                chunk_total = self._buffer("total", e - s, dt)
+                chunk_total = self._buffer("chunk total", e - s, dt)
 
                 def fill(r: tuple[int, int], w0=w0, ws=ws, tot=chunk_total) -> None:
                     a, b = r
@@ -403,12 +464,19 @@ class Merger:
                         else scale
                     stock.combine(w0[lo:hi], tot[lo:hi], sc, out[r[0] : r[1]], row)
 
-                self._map(piece, self._pieces(a, b, row))
-                if check:
-                    self._check_output(p, out, [self.anchor, *self.models], float(t.mean()))
-                self.sink.write(p.name, out)
-                self.progress(b - a)
-            self._release(p.name, s, e)
+                def finish(out=out, n=b - a) -> None:
+                    if check:
+                        self._check_output(p, out, [self.anchor, *self.models],
+                                           float(t.mean()))
+                    self.sink.write(p.name, out)
+                    self.progress(n)
+
+                if len(self._pending) >= OUT_RING - SINK_HOLDS:  # keep the ring's slots safe
+                    self._flush()
+                self._pending.append((self._submit(piece, self._pieces(a, b, row)), finish))
+            self._pending.append(([], lambda s=s, e=e: self._release(p.name, s, e)))
+            if total is None:  # the next chunk refills the chunk total
+                self._flush()
 
     def _buffer(self, key: object, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A reusable flat buffer of ``numel`` elements of ``dtype`` (grown when needed)."""
@@ -426,6 +494,7 @@ class Merger:
 
     # -- other rules -------------------------------------------------------------------------
     def write_simple(self, p: LayerPlan) -> LayerReport:
+        self._flush()
         rep = LayerReport(p.name, list(p.shape), p.rule, str(p.out_dtype).removeprefix("torch."),
                           note=p.note)
         readers = [self.anchor] if (p.rule == "anchor" or p.from_anchor) else self.models
@@ -461,14 +530,20 @@ class Merger:
         if self.opts.granularity == "model" and self.opts.method == "model-stock":
             return self._run_model_granularity(plan)
         reports: list[LayerReport] = []
-        for p in plan.layers:
-            if p.anchored:
-                g, total = self.layer_gram(p)
-                t, rep = self.ratio(p, g)
-                self.write_anchored(p, t, total)
-                reports.append(rep)
-            else:
+        started = None  # the next layer's Gram pass, queued one layer ahead
+        for i, p in enumerate(plan.layers):
+            if not p.anchored:
                 reports.append(self.write_simple(p))
+                continue
+            mine = started if started is not None else self.start_gram(p)
+            nxt = plan.layers[i + 1] if i + 1 < len(plan.layers) else None
+            started = self.start_gram(nxt) if (mine is not None and nxt is not None
+                                               and nxt.anchored) else None
+            g, total = self.layer_gram(p, started=mine)
+            t, rep = self.ratio(p, g)
+            self.write_anchored(p, t, total)
+            reports.append(rep)
+        self._flush()
         return reports
 
     def _run_model_granularity(self, plan: MergePlan) -> list[LayerReport]:

@@ -15,12 +15,15 @@ post-hoc merging and merging during training.
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Sequence
 
 import torch
 
 # Elements per cache block in `chunk_stats`: the N task vectors of a block stay in cache.
-BLOCK_NUMEL = 1 << 16
+BLOCK_NUMEL = 1 << 18
+_SCRATCH = threading.local()
 # |1 + (N-1) cos| below this is treated as the formula's pole (see `stock_ratio`).
 SINGULAR_EPS = 1e-6
 
@@ -89,6 +92,18 @@ def sum_models(deltas: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     return out
 
 
+def _scratch(key: str, shape: tuple[int, ...], dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+    """A reusable buffer of this thread: a fresh allocation per cache block costs more than the
+    block's arithmetic, and worker threads must not share one."""
+    cache = _SCRATCH.__dict__.setdefault("buffers", {})
+    numel = math.prod(shape)
+    buf = cache.get((key, dtype, device))
+    if buf is None or buf.numel() < numel:
+        buf = cache[(key, dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
 def chunk_stats(anchor: torch.Tensor, models: Sequence[torch.Tensor], dtype: torch.dtype,
                 row_numel: int | None = None, total: torch.Tensor | None = None,
                 ignore_nonfinite: bool = False, with_gram: bool = True) -> torch.Tensor | None:
@@ -97,28 +112,47 @@ def chunk_stats(anchor: torch.Tensor, models: Sequence[torch.Tensor], dtype: tor
 
     ``ignore_nonfinite`` leaves NaN/Inf elements out of the Gram matrix (not out of ``total``).
     Blocks hold whole rows when ``row_numel`` is given. ``with_gram=False`` only fills ``total``.
+    The same arithmetic as ``gram(task_vectors(...))``, in reused per-thread buffers.
     """
-    numel, n_models = anchor.numel(), len(models)
+    numel, n_models, dev = anchor.numel(), len(models), anchor.device
     step = block_step(row_numel)
-    buf = torch.empty((n_models, min(step, numel)), dtype=dtype, device=anchor.device)
-    grams = []
+    width = min(step, numel)
+    d_buf = _scratch("deltas", (n_models, width), dtype, dev)
+    w0_buf = _scratch("anchor", (width,), dtype, dev) if anchor.dtype != dtype else None
+    wide = with_gram and row_numel is None and not ignore_nonfinite and dtype != torch.float64
+    d64_buf = _scratch("deltas64", (n_models, width), torch.float64, dev) if wide else None
+    g = torch.zeros((n_models, n_models), dtype=torch.float64, device=dev)
+    g_block = torch.empty_like(g)
+    rows = []
     for s in range(0, numel, step):
         e = min(numel, s + step)
-        d = task_vectors(anchor[s:e], [w[s:e] for w in models], dtype, out=buf[:, : e - s])
+        w0 = anchor[s:e] if w0_buf is None else w0_buf[: e - s].copy_(anchor[s:e])
+        d = d_buf[:, : e - s]
+        for i, w in enumerate(models):
+            if w.dtype == dtype:
+                torch.sub(w[s:e], w0, out=d[i])
+            else:  # convert, then subtract in one dtype: faster than a mixed-dtype sub
+                d[i].copy_(w[s:e]).sub_(w0)
         if total is not None:
             sum_models(d, out=total[s:e])
         if not with_gram:
             continue
+        if d64_buf is not None:  # the common case, without the allocations of `gram`
+            d64 = d64_buf[:, : e - s].copy_(d)
+            g += torch.mm(d64, d64.T, out=g_block)
+            continue
         if ignore_nonfinite:
             d = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
-        grams.append(gram(d, row_numel))
+        if row_numel is not None:
+            rows.append(gram(d, row_numel))
+        else:
+            g += gram(d)
     if not with_gram:
         return None
     if row_numel is not None:
-        return torch.cat(grams) if grams else torch.zeros((0, n_models, n_models),
-                                                          dtype=torch.float64)
-    return sum(grams[1:], grams[0]) if grams else torch.zeros((n_models, n_models),
-                                                              dtype=torch.float64)
+        return torch.cat(rows) if rows else torch.zeros((0, n_models, n_models),
+                                                        dtype=torch.float64, device=dev)
+    return g
 
 
 def pairwise_cos(g: torch.Tensor) -> torch.Tensor:
@@ -173,7 +207,7 @@ def combine(anchor: torch.Tensor, total: torch.Tensor, scale: torch.Tensor | flo
     scale = torch.as_tensor(scale, dtype=torch.float64)
     numel = anchor.numel()
     step = block_step(row_numel)
-    buf = torch.empty(min(step, numel), dtype=total.dtype, device=total.device)
+    buf = _scratch("combine", (min(step, numel),), total.dtype, total.device)
     if scale.ndim:
         scale = scale.to(total.dtype).to(total.device)
     for s in range(0, numel, step):
