@@ -10,6 +10,7 @@ header, raw little-endian data).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
@@ -150,6 +151,21 @@ def _parse_entry(path: str, name: str, entry, data_start: int, data_len: int) ->
     return info
 
 
+def _libc_madvise():
+    """libc's madvise as a ctypes function, or None. ``mmap.madvise`` holds the GIL for the
+    whole call, and dropping the pages of a large tensor takes milliseconds."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise = _libc_madvise()
+
+
 class SafetensorsReader:
     """Memory-mapped, validated view of one ``.safetensors`` file."""
 
@@ -188,7 +204,12 @@ class SafetensorsReader:
         lo = (info.offset + start * info.dtype.itemsize) // PAGE * PAGE
         hi = info.offset + stop * info.dtype.itemsize
         if self._mm is not None and hi > lo and hasattr(mmap, "MADV_DONTNEED"):
-            self._mm.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(self._mm)) - lo)
+            length = min(hi, len(self._mm)) - lo
+            if _madvise is None:
+                self._mm.madvise(mmap.MADV_DONTNEED, lo, length)
+            else:  # through ctypes, which lets go of the GIL: workers go on meanwhile
+                base = torch.frombuffer(self._mm, dtype=torch.uint8, count=1).data_ptr()
+                _madvise(base + lo, length, mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         if self._mm is not None:
