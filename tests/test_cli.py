@@ -44,6 +44,18 @@ def test_merge_prints_summary_and_writes(tmp_path: Path) -> None:
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
+def test_buffered_writes_give_the_same_bytes(tmp_path: Path) -> None:
+    """O_DIRECT (the default, where the file system takes it) and the page cache write the same
+    file; the tensors are large enough to fill several staging blocks and leave a tail."""
+    paths = write_models(tmp_path, make_finetunes({"w": (2500, 1001), "b": (1001,)}))
+    for flag, name in (([], "direct"), (["--buffered-writes"], "buffered")):
+        proc = run_cli("merge", *paths, "-o", str(tmp_path / f"{name}.safetensors"), "-q", *flag)
+        assert proc.returncode == 0, proc.stderr
+    direct = (tmp_path / "direct.safetensors").read_bytes()
+    assert direct == (tmp_path / "buffered.safetensors").read_bytes()
+    assert len(direct) % 4096 != 0
+
+
 def test_help_teaches() -> None:
     proc = run_cli("merge", "--help")
     assert proc.returncode == 0

@@ -134,7 +134,7 @@ def greedy_soup_checkpoints(anchor: Source, models: Sequence[Source], out: str |
                             score: Score, *, force: bool = False, trust_pickle: bool = False,
                             strip_prefix: str | None = None, progress: bool = False,
                             shard_size: int | None = DEFAULT_SHARD_BYTES,
-                            **kwargs) -> MergeReport:
+                            direct_io: bool = True, **kwargs) -> MergeReport:
     """Greedy soup written to ``out`` like `merge_checkpoints` (weights, anchor files, card,
     report with the ``greedy`` record). The selection runs in memory, one soup at a time."""
     opts = _options(kwargs)
@@ -142,7 +142,7 @@ def greedy_soup_checkpoints(anchor: Source, models: Sequence[Source], out: str |
     sel = _select(anchor, models, score, opts, False, open_kw)
     return merge_checkpoints(anchor, [models[i] for i in sel.kept], out,
                              _mean_of(opts, len(sel.kept)), force=force,
-                             shard_size=shard_size, progress=progress,
+                             shard_size=shard_size, progress=progress, direct_io=direct_io,
                              annotate=lambda r: _annotate(r, sel.record), **open_kw)
 
 
