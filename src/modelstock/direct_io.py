@@ -17,6 +17,8 @@ import fcntl
 import mmap
 import os
 
+import numpy as np
+
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 STAGE_BYTES = 8 << 20
 O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -57,11 +59,14 @@ class OutputFile:
             self._write_all(src)
             return
         cap = len(self._view)
-        while len(src):
-            n = min(len(src), cap - self._fill)
-            self._view[self._fill : self._fill + n] = src[:n]
+        stage = np.frombuffer(self._view, dtype=np.uint8)
+        src_array = np.frombuffer(src, dtype=np.uint8)
+        while len(src_array):
+            n = min(len(src_array), cap - self._fill)
+            # NumPy copies without the GIL (a memoryview slice assignment holds it throughout)
+            stage[self._fill : self._fill + n] = src_array[:n]
             self._fill += n
-            src = src[n:]
+            src_array = src_array[n:]
             if self._fill == cap:
                 self._flush_stage()
 
