@@ -2,9 +2,10 @@
 
 Builds synthetic Llama-shaped checkpoints (cached under --workdir), then runs, alternating, for
 --repeats rounds: our merge, mergekit's ``model_stock`` (when --mergekit-venv is given), and the
-I/O floor (read every input byte once + write an output of the same size). Each runs in its own
-process; wall time and that process's peak RSS are recorded. Prints medians and the ratios
-ours/floor and ours/mergekit, and the distance of each output from a float64 reference merge.
+I/O floor (read every input byte once + write an output of the same size), once writing through
+the page cache and once with O_DIRECT. Each runs in its own process; wall time and that
+process's peak RSS are recorded. Prints medians, the ratios ours/floor (both) and
+ours/mergekit, and the distance of each output from a float64 reference merge.
 
     python benchmarks/merge_bench.py --layers 22 --models 2 --dtype bfloat16 \
         --mergekit-venv /work/mergekit-venv --repeats 3
