@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -214,14 +214,11 @@ def chunk_ranges(numel: int, chunk_numel: int, row_numel: int | None = None
     return [(s, min(numel, s + step)) for s in range(0, numel, step)] or [(0, 0)]
 
 
-class _Done:
-    """The handle of work already done (no pool): `Future`'s ``result`` only."""
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-    def result(self) -> object:
-        return self.value
+def _done(value: object) -> Future:
+    """A future that already holds ``value`` (work run at once, without a pool)."""
+    f: Future = Future()
+    f.set_result(value)
+    return f
 
 
 class DictSink:
@@ -261,7 +258,7 @@ class Merger:
         """Queue ``fn`` over ``items`` on the workers (first in, first out); with no pool, run
         it now. `_gather` the handles for the results."""
         if self.pool is None or len(items) < 2:
-            return [_Done(fn(x)) for x in items]
+            return [_done(fn(x)) for x in items]
         return [self.pool.submit(fn, x) for x in items]
 
     @staticmethod

@@ -183,6 +183,8 @@ class SafetensorsReader:
                 # ACCESS_COPY: private, writable pages, so torch gets a writable buffer without
                 # copying; nothing is ever written back to the file.
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+                self._base = None if self._mm is None else \
+                    torch.frombuffer(self._mm, dtype=torch.uint8, count=1).data_ptr()
         except OSError as e:
             raise ModelStockError(f"cannot read ({e.strerror})", self.path) from None
 
@@ -208,8 +210,7 @@ class SafetensorsReader:
             if _madvise is None:
                 self._mm.madvise(mmap.MADV_DONTNEED, lo, length)
             else:  # through ctypes, which lets go of the GIL: workers go on meanwhile
-                base = torch.frombuffer(self._mm, dtype=torch.uint8, count=1).data_ptr()
-                _madvise(base + lo, length, mmap.MADV_DONTNEED)
+                _madvise(self._base + lo, length, mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         if self._mm is not None:
