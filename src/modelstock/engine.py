@@ -436,30 +436,21 @@ class Merger:
         dt = self._compute_dtype(p.name)
         scale = t / self.n
         out_numel = max(1, OUT_BYTES // p.out_dtype.itemsize)
-        if total is None:
-            self._flush()
         for s, e in chunk_ranges(p.numel, self.opts.chunk_numel, row):
             w0, ws = self._chunks(p, s, e)
-            if total is None:
-                chunk_total = self._buffer("chunk total", e - s, dt)
-
-                def fill(r: tuple[int, int], w0=w0, ws=ws, tot=chunk_total) -> None:
-                    a, b = r
-                    stock.chunk_stats(w0[a:b], [w[a:b] for w in ws], dt, row, tot[a:b],
-                                      with_gram=False)
-
-                self._map(fill, self._pieces(s, e, row))
-            else:
-                chunk_total = total[s:e]
             for a, b in chunk_ranges(e - s, out_numel, row):
                 out = self._out_buffer(b - a, p.out_dtype)
 
-                def piece(r: tuple[int, int], a=a, s=s, w0=w0, tot=chunk_total,
-                          out=out) -> None:
+                def piece(r: tuple[int, int], a=a, s=s, w0=w0, ws=ws, out=out) -> None:
                     lo, hi = a + r[0], a + r[1]
                     sc = scale[(s + lo) // row : (s + hi) // row] if (row and scale.ndim) \
                         else scale
-                    stock.combine(w0[lo:hi], tot[lo:hi], sc, out[r[0] : r[1]], row)
+                    if total is None:  # sum_i d_i was not kept: form it again, block by block
+                        stock.stock_output(w0[lo:hi], [w[lo:hi] for w in ws], sc,
+                                           out[r[0] : r[1]], dt, row)
+                    else:
+                        stock.combine(w0[lo:hi], total[s + lo : s + hi], sc, out[r[0] : r[1]],
+                                      row)
 
                 def finish(out=out, n=b - a) -> None:
                     if check:
@@ -472,8 +463,6 @@ class Merger:
                     self._flush()
                 self._pending.append((self._submit(piece, self._pieces(a, b, row)), finish))
             self._pending.append(([], lambda s=s, e=e: self._release(p.name, s, e)))
-            if total is None:  # the next chunk refills the chunk total
-                self._flush()
 
     def _buffer(self, key: object, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A reusable flat buffer of ``numel`` elements of ``dtype`` (grown when needed)."""
@@ -559,6 +548,7 @@ class Merger:
                 reports.append(rep)
             else:
                 reports.append(self.write_simple(p))
+        self._flush()
         return reports
 
 

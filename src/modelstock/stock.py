@@ -223,6 +223,25 @@ def combine(anchor: torch.Tensor, total: torch.Tensor, scale: torch.Tensor | flo
     return out
 
 
+def stock_output(anchor: torch.Tensor, models: Sequence[torch.Tensor],
+                 scale: torch.Tensor | float, out: torch.Tensor, dtype: torch.dtype,
+                 row_numel: int | None = None) -> torch.Tensor:
+    """``out = w0 + scale * sum_i d_i`` straight from the weights, block by block, so that
+    ``sum_i d_i`` only ever exists for one cache block (for chunks whose sum was not kept from
+    the Gram pass). The same operations as `chunk_stats` then `combine`."""
+    numel = anchor.numel()
+    step = block_step(row_numel)
+    scale = torch.as_tensor(scale, dtype=torch.float64)
+    tot = _scratch("output total", (min(step, numel),), dtype, anchor.device)
+    for s in range(0, numel, step):
+        e = min(numel, s + step)
+        chunk_stats(anchor[s:e], [w[s:e] for w in models], dtype, row_numel, tot[: e - s],
+                    with_gram=False)
+        sc = scale[s // row_numel : e // row_numel] if scale.ndim else scale
+        combine(anchor[s:e], tot[: e - s], sc, out[s:e], row_numel)
+    return out
+
+
 def apply_ratio(anchor: torch.Tensor, deltas: torch.Tensor, t: torch.Tensor | float,
                 out_dtype: torch.dtype, row_numel: int | None = None) -> torch.Tensor:
     """``w0 + t mean_i(d_i)`` (= ``w0 + t (mean_i(w_i) - w0)``) for a flat chunk of ``[N, n]``
