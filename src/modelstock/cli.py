@@ -84,13 +84,13 @@ def run_guarded(fn, *args, **kwargs):
     handlers are set inside the outer ``try`` so that a signal arriving at any point, even
     while reporting an error, still ends in a clean exit.
     """
-    _steady_heap()
-    # Everything imported so far (torch alone makes hundreds of thousands of objects) leaves the
-    # garbage collector's sight: each full collection walked it all (3-4% of a merge's CPU).
-    gc.freeze()
     handlers = {"SIGTERM": _on_signal, "SIGHUP": _on_signal, "SIGXFSZ": signal.SIG_IGN}
     previous = {}
     try:
+        _steady_heap()
+        # Everything imported so far (torch alone makes hundreds of thousands of objects) leaves
+        # the garbage collector's sight: each full collection walked it all (3-4% of a merge).
+        gc.freeze()
         try:
             for name, handler in handlers.items():
                 sig = getattr(signal, name, None)
