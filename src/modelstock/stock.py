@@ -46,19 +46,25 @@ def compute_dtype_for(*dtypes: torch.dtype | None) -> torch.dtype:
 
 
 def task_vectors(anchor: torch.Tensor, models: Sequence[torch.Tensor],
-                 dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+                 dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
+                 anchor_buf: torch.Tensor | None = None) -> torch.Tensor:
     """``w_i - w0`` for flat chunks of equal length, as an ``[N, n]`` tensor of ``dtype``.
 
     Inputs are converted exactly (16-bit floats widen without rounding), so for 16-bit weights
-    the task vectors themselves are exact in float32.
+    the task vectors themselves are exact in float32. ``anchor_buf`` (``n`` elements of
+    ``dtype``) receives the converted anchor instead of a fresh tensor.
     """
-    w0 = anchor.to(dtype)
+    if anchor.dtype == dtype:
+        w0 = anchor
+    else:
+        w0 = anchor.to(dtype) if anchor_buf is None else anchor_buf.copy_(anchor)
     if out is None:
         out = torch.empty((len(models), anchor.numel()), dtype=dtype, device=anchor.device)
     for i, w in enumerate(models):
-        out[i].copy_(w)  # convert, then subtract in one dtype: faster than a mixed-dtype sub
-        out[i].sub_(w0)
+        if w.dtype == dtype:
+            torch.sub(w, w0, out=out[i])
+        else:  # convert, then subtract in one dtype: faster than a mixed-dtype sub
+            out[i].copy_(w).sub_(w0)
     return out
 
 
@@ -75,7 +81,10 @@ def gram(deltas: torch.Tensor, row_numel: int | None = None) -> torch.Tensor:
         return rows @ rows.transpose(1, 2)
     g = torch.zeros((n_models, n_models), dtype=torch.float64, device=deltas.device)
     for start in range(0, numel, BLOCK_NUMEL):
-        block = deltas[:, start : start + BLOCK_NUMEL].to(torch.float64)
+        block = deltas[:, start : start + BLOCK_NUMEL]
+        if block.dtype != torch.float64:  # into a reused buffer: an allocation costs more
+            block = _scratch("gram64", tuple(block.shape), torch.float64,
+                             deltas.device).copy_(block)
         g += block @ block.T
     return g
 
@@ -112,34 +121,22 @@ def chunk_stats(anchor: torch.Tensor, models: Sequence[torch.Tensor], dtype: tor
 
     ``ignore_nonfinite`` leaves NaN/Inf elements out of the Gram matrix (not out of ``total``).
     Blocks hold whole rows when ``row_numel`` is given. ``with_gram=False`` only fills ``total``.
-    The same arithmetic as ``gram(task_vectors(...))``, in reused per-thread buffers.
+    ``gram(task_vectors(...))`` block by block, in reused per-thread buffers.
     """
     numel, n_models, dev = anchor.numel(), len(models), anchor.device
     step = block_step(row_numel)
     width = min(step, numel)
     d_buf = _scratch("deltas", (n_models, width), dtype, dev)
-    w0_buf = _scratch("anchor", (width,), dtype, dev) if anchor.dtype != dtype else None
-    wide = with_gram and row_numel is None and not ignore_nonfinite and dtype != torch.float64
-    d64_buf = _scratch("deltas64", (n_models, width), torch.float64, dev) if wide else None
+    w0_buf = _scratch("anchor", (width,), dtype, dev)
     g = torch.zeros((n_models, n_models), dtype=torch.float64, device=dev)
-    g_block = torch.empty_like(g)
     rows = []
     for s in range(0, numel, step):
         e = min(numel, s + step)
-        w0 = anchor[s:e] if w0_buf is None else w0_buf[: e - s].copy_(anchor[s:e])
-        d = d_buf[:, : e - s]
-        for i, w in enumerate(models):
-            if w.dtype == dtype:
-                torch.sub(w[s:e], w0, out=d[i])
-            else:  # convert, then subtract in one dtype: faster than a mixed-dtype sub
-                d[i].copy_(w[s:e]).sub_(w0)
+        d = task_vectors(anchor[s:e], [w[s:e] for w in models], dtype, out=d_buf[:, : e - s],
+                         anchor_buf=w0_buf[: e - s])
         if total is not None:
             sum_models(d, out=total[s:e])
         if not with_gram:
-            continue
-        if d64_buf is not None:  # the common case, without the allocations of `gram`
-            d64 = d64_buf[:, : e - s].copy_(d)
-            g += torch.mm(d64, d64.T, out=g_block)
             continue
         if ignore_nonfinite:
             d = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
