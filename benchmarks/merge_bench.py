@@ -3,9 +3,10 @@
 Builds synthetic Llama-shaped checkpoints (cached under --workdir), then runs, alternating, for
 --repeats rounds: our merge, mergekit's ``model_stock`` (when --mergekit-venv is given), and the
 I/O floor (read every input byte once + write an output of the same size), once writing through
-the page cache and once with O_DIRECT. Each runs in its own process; wall time and that
-process's peak RSS are recorded. Prints medians, the ratios ours/floor (both) and
-ours/mergekit, and the distance of each output from a float64 reference merge.
+the page cache and once with O_DIRECT; with --torch-path also our merge without its C loops.
+Each runs in its own process; wall time and that process's peak RSS are recorded. Prints
+medians, the ratios ours/floor (both) and ours/mergekit, and the distance of each output from
+a float64 reference merge.
 
     python benchmarks/merge_bench.py --layers 22 --models 2 --dtype bfloat16 \
         --mergekit-venv /work/mergekit-venv --repeats 3
@@ -150,6 +151,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/modelstock-bench"))
     ap.add_argument("--mergekit-venv", type=Path, default=None)
     ap.add_argument("--modelstock-args", default="", help="extra args for modelstock merge")
+    ap.add_argument("--torch-path", action="store_true",
+                    help="also run our merge without the C loops (MODELSTOCK_KERNELS=0)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     dirs = build_models(args.workdir, args.layers, args.models, dtype)
@@ -161,12 +164,17 @@ def main() -> None:
     files = [str(d / "model.safetensors") for d in dirs]
 
     py = sys.executable
+    def ours(out: Path) -> tuple:
+        return (py, "module", "modelstock",
+                ["merge", *map(str, dirs), "-o", str(out), "-q", *args.modelstock_args.split()])
+
     runners = {
-        "modelstock": lambda out: (py, "module", "modelstock", [
-            "merge", *map(str, dirs), "-o", str(out), "-q", *args.modelstock_args.split()]),
+        "modelstock": ours,
         "floor": lambda out: (py, "code", FLOOR, ["buffered", str(out), *files]),
         "floor-direct": lambda out: (py, "code", FLOOR, ["direct", str(out), *files]),
     }
+    if args.torch_path:
+        runners["torch-path"] = lambda out: (*ours(out), {"MODELSTOCK_KERNELS": "0"})
     mk_bin = args.mergekit_venv / "bin" / "mergekit-yaml" if args.mergekit_venv else None
     if mk_bin is not None and mk_bin.exists():
         cfg = out_root / "mergekit.yml"
@@ -186,8 +194,10 @@ def main() -> None:
     for r in range(args.repeats):
         for name, make in runners.items():
             out = out_root / f"{name}-{r}"
-            results[name].append(run_measured(*make(out), env=env))
-            if r < args.repeats - 1 or name.startswith("floor"):
+            py_, kind, target, argv, *extra = make(out)
+            results[name].append(run_measured(py_, kind, target, argv,
+                                              env=env | (extra[0] if extra else {})))
+            if r < args.repeats - 1 or name.startswith(("floor", "torch")):
                 shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(
                     missing_ok=True)
             print(f"round {r} {name:10s} wall {results[name][-1][0]:7.2f} s  "
@@ -200,6 +210,8 @@ def main() -> None:
     for k, (w, m) in med.items():
         print(f"  {k:10s} wall {w:7.2f} s   peak RSS {m:7.0f} MiB")
     ours = med["modelstock"]
+    if "torch-path" in med:
+        print(f"  ours/torch-path    wall {ours[0] / med['torch-path'][0]:.2f}x")
     for k in ("floor", "floor-direct"):
         print(f"  ours/{k:13s} wall {ours[0] / med[k][0]:.2f}x")
     if "mergekit" in med:
