@@ -210,10 +210,12 @@ def main() -> None:
     for k, (w, m) in med.items():
         print(f"  {k:10s} wall {w:7.2f} s   peak RSS {m:7.0f} MiB")
     ours = med["modelstock"]
-    if "torch-path" in med:
-        print(f"  ours/torch-path    wall {ours[0] / med['torch-path'][0]:.2f}x")
-    for k in ("floor", "floor-direct"):
-        print(f"  ours/{k:13s} wall {ours[0] / med[k][0]:.2f}x")
+    # Ratios per round too: the runners of one round ran seconds apart, at one machine speed.
+    for k in [k for k in ("torch-path", "floor", "floor-direct") if k in med]:
+        per_round = [a[0] / b[0] for a, b in zip(results["modelstock"], results[k], strict=True)]
+        print(f"  ours/{k:13s} wall {ours[0] / med[k][0]:.2f}x (ratio of medians); per round "
+              f"{' '.join(f'{x:.2f}' for x in per_round)}, median "
+              f"{statistics.median(per_round):.2f}x")
     if "mergekit" in med:
         mk = med["mergekit"]
         print(f"  ours/mergekit  wall {ours[0] / mk[0]:.2f}x   peak RSS {ours[1] / mk[1]:.2f}x")
