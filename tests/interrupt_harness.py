@@ -91,8 +91,9 @@ def instrument(on_event) -> None:
     wrap(Path, "mkdir", "mkdir")
 
 
-def run_child(argv: list[str], log: Path, trial: dict) -> None:
-    """In the forked child: set up the trial's fault, run the CLI, exit with its status."""
+def run_child(argv: list[str], log: Path, trial: dict, ready_fd: int | None = None) -> None:
+    """In the forked child: set up the trial's fault, run the CLI, exit with its status.
+    A byte on ``ready_fd`` tells the parent that the set-up is done and the CLI starts."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -117,6 +118,8 @@ def run_child(argv: list[str], log: Path, trial: dict) -> None:
     if mode == "fsize":
         resource.setrlimit(resource.RLIMIT_FSIZE, (trial["limit"], trial["limit"]))
     code = 0
+    if ready_fd is not None:
+        os.write(ready_fd, b".")
     try:
         main(argv, prog_name="modelstock")
     except SystemExit as e:
@@ -133,15 +136,24 @@ def run_child(argv: list[str], log: Path, trial: dict) -> None:
 
 def fork_run(argv: list[str], log: Path, trial: dict, kill_after: float | None = None
              ) -> tuple[int, float]:
-    """Run one child; return its exit status (negative: killed by that signal) and seconds."""
+    """Run one child; return its exit status (negative: killed by that signal) and seconds.
+
+    With ``kill_after``, the signal goes that many seconds after the child's own set-up (fork
+    hooks, redirections), so that it lands in the CLI and not in this harness."""
     start = time.perf_counter()
+    ready_r, ready_w = os.pipe() if kill_after is not None else (None, None)
     pid = os.fork()
     if pid == 0:
         try:
-            run_child(argv, log, trial)
+            if ready_r is not None:
+                os.close(ready_r)
+            run_child(argv, log, trial, ready_w)
         finally:
             os._exit(98)
     if kill_after is not None:
+        os.close(ready_w)
+        os.read(ready_r, 1)  # b"" if the child died first
+        os.close(ready_r)
         time.sleep(kill_after)
         try:
             os.kill(pid, SIGNALS[trial["signal"]])
