@@ -10,5 +10,6 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "modelstock._kernels", ["src/modelstock/_kernels.c"], optional=True,
+    define_macros=[("MODELSTOCK_PYTHON_MODULE", "1")],
     extra_compile_args=[] if os.name == "nt" else ["-O3", "-std=c99"],
 )])

@@ -151,3 +151,10 @@ def test_environment_switch_turns_the_loops_off() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_library_is_an_importable_module_of_the_expected_version() -> None:
+    import modelstock._kernels as built  # what a module scan (docs, coverage) would do
+
+    assert "ctypes" in built.__doc__
+    assert kernels._LIB.ms_version() == kernels.VERSION

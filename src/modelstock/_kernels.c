@@ -6,12 +6,18 @@
  * vectors and their sum in float32, dot products of float32 values exact in float64 and
  * accumulated there, the output rounded once to float32 and then to the output dtype.
  * Loaded with ctypes (which releases the GIL), so worker threads run them in parallel.
- * Plain C99 for any compiler; `modelstock.kernels` falls back to torch when it is absent.
+ * Plain C99; `modelstock.kernels` falls back to torch when this library is absent, or when
+ * its ms_version() is not the one that module expects (a build older than the source).
  */
+#ifdef MODELSTOCK_PYTHON_MODULE /* set by setup.py: also an importable (empty) module */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 
-#define BLK 512      /* elements per block: N + 1 float32 rows of it stay in L1 */
+#define VERSION 1    /* bump when an entry point's arguments or meaning change */
+#define BLK 512      /* elements per block: for a few models, N + 1 rows of it stay in L1 */
 #define MAX_MODELS 16
 
 enum { F32 = 0, BF16 = 1 };
@@ -23,7 +29,21 @@ enum { F32 = 0, BF16 = 1 };
 #else
 #define ENTRY
 #endif
+#if defined(__GNUC__) || defined(__clang__)
 #define INLINE static inline __attribute__((always_inline))
+#else
+#define INLINE static inline
+#endif
+#ifdef _WIN32
+#define EXPORT __declspec(dllexport)
+#else
+#define EXPORT
+#endif
+#ifdef _MSC_VER
+#define restrict __restrict
+#endif
+
+EXPORT int ms_version(void) { return VERSION; }
 
 INLINE float bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
@@ -92,8 +112,8 @@ INLINE void block_combine(const void *anchor, int dt, int64_t s, int64_t m,
 
 /* Gram matrix (added into `gram`, n x n float64, may be NULL) and, if `total` is not NULL,
  * total[k] = sum_i (models[i][k] - anchor[k]). Returns -1 for unsupported arguments. */
-ENTRY int ms_stats(const void *anchor, const void *const *models, int n, int64_t numel, int dt,
-             float *total, double *gram) {
+EXPORT ENTRY int ms_stats(const void *anchor, const void *const *models, int n, int64_t numel,
+                          int dt, float *total, double *gram) {
     if (n < 1 || n > MAX_MODELS || (dt != F32 && dt != BF16)) return -1;
     float d[MAX_MODELS][BLK];
     double g[MAX_MODELS * MAX_MODELS] = {0};
@@ -114,8 +134,8 @@ ENTRY int ms_stats(const void *anchor, const void *const *models, int n, int64_t
 }
 
 /* out = anchor + scale * total (see block_combine). */
-ENTRY int ms_combine(const void *anchor, const float *total, double scale, void *out, int64_t numel,
-               int dt, int odt) {
+EXPORT ENTRY int ms_combine(const void *anchor, const float *total, double scale, void *out,
+                            int64_t numel, int dt, int odt) {
     if ((dt != F32 && dt != BF16) || (odt != F32 && odt != BF16)) return -1;
     for (int64_t s = 0; s < numel; s += BLK) {
         int64_t m = numel - s < BLK ? numel - s : BLK;
@@ -125,8 +145,8 @@ ENTRY int ms_combine(const void *anchor, const float *total, double scale, void 
 }
 
 /* out = anchor + scale * sum_i (models[i] - anchor), straight from the weights. */
-ENTRY int ms_output(const void *anchor, const void *const *models, int n, int64_t numel, int dt,
-              double scale, void *out, int odt) {
+EXPORT ENTRY int ms_output(const void *anchor, const void *const *models, int n, int64_t numel,
+                           int dt, double scale, void *out, int odt) {
     if (n < 1 || n > MAX_MODELS || (dt != F32 && dt != BF16) || (odt != F32 && odt != BF16))
         return -1;
     float d[MAX_MODELS][BLK], sum[BLK];
@@ -137,3 +157,11 @@ ENTRY int ms_output(const void *anchor, const void *const *models, int n, int64_
     }
     return 0;
 }
+
+#ifdef MODELSTOCK_PYTHON_MODULE
+static struct PyModuleDef kernels_module = {
+    PyModuleDef_HEAD_INIT, "_kernels",
+    "C loops of modelstock.kernels; called through ctypes, nothing to use from Python.", -1,
+    NULL, NULL, NULL, NULL, NULL};
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&kernels_module); }
+#endif

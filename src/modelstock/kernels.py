@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 MAX_MODELS = 16  # as in _kernels.c
+VERSION = 1  # _kernels.c's ms_version(): an older build is left unused
 _CODES = {torch.float32: 0, torch.bfloat16: 1}
 _ptr, _i64, _f64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 
@@ -32,6 +33,8 @@ def _load() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(spec.origin)
     except OSError:
+        return None
+    if lib.ms_version() != VERSION:
         return None
     lib.ms_stats.argtypes = [_ptr, ctypes.POINTER(_ptr), _int, _i64, _int, _ptr, _ptr]
     lib.ms_combine.argtypes = [_ptr, _ptr, _f64, _ptr, _i64, _int, _int]
