@@ -158,3 +158,16 @@ def test_the_library_is_an_importable_module_of_the_expected_version() -> None:
 
     assert "ctypes" in built.__doc__
     assert kernels._LIB.ms_version() == kernels.VERSION
+
+
+@pytest.mark.parametrize("version", [None, kernels.VERSION + 1])
+def test_a_build_of_another_version_is_left_unused(monkeypatch, version: int | None) -> None:
+    """A library built from an older _kernels.c (source edited, no reinstall) must not be
+    called with this module's arguments."""
+    class OldBuild:
+        if version is not None:
+            def ms_version(self) -> int:
+                return version
+
+    monkeypatch.setattr(kernels.ctypes, "CDLL", lambda path: OldBuild())
+    assert kernels._load() is None

@@ -34,7 +34,8 @@ def _load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(spec.origin)
     except OSError:
         return None
-    if lib.ms_version() != VERSION:
+    version = getattr(lib, "ms_version", None)  # builds before the version check lack it
+    if version is None or version() != VERSION:
         return None
     lib.ms_stats.argtypes = [_ptr, ctypes.POINTER(_ptr), _int, _i64, _int, _ptr, _ptr]
     lib.ms_combine.argtypes = [_ptr, _ptr, _f64, _ptr, _i64, _int, _int]

@@ -10,7 +10,9 @@ For one layer with anchor ``w0`` and fine-tunes ``w1..wN`` (Jang, Yun, Han, ECCV
 Task vectors are formed in a float compute dtype (float32, or float64 for float64 inputs) and
 their dot products accumulated in float64. Everything here works on flat chunks so that the same
 code serves whole tensors, chunks of huge tensors, rows (``granularity="row"``), whole models,
-post-hoc merging and merging during training.
+post-hoc merging and merging during training. Where they were built, the C loops of
+`modelstock.kernels` run the block loops of `chunk_stats`, `combine` and `stock_output` for
+float32 and bfloat16 weights, to the same rounding.
 """
 
 from __future__ import annotations
