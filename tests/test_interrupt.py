@@ -204,3 +204,35 @@ def test_next_run_cleans_up_after_a_sigkill(tmp_path: Path) -> None:
     assert digest(out) == before and temps(out) == []
     merge_checkpoints(anchor, [ft1, ft2], out, force=True)
     assert "model.safetensors" in digest(out) and digest(out) != before
+
+
+SIGNAL_IN_A_FINALIZER = r"""
+import os, signal, sys, time
+from modelstock.cli import run_guarded
+
+class Dropped:
+    def __del__(self):  # the signal's handler runs here, where Python swallows what it raises
+        os.kill(os.getpid(), signal.SIG{name})
+        for _ in range(100):
+            pass
+
+def job():
+    Dropped()
+    time.sleep(0.5)  # the merge would go on here
+    print("finished")
+
+run_guarded(job)
+"""
+
+
+@pytest.mark.parametrize("name", ["TERM", "INT"])
+def test_a_signal_that_lands_in_a_finalizer_still_stops_the_run(name: str) -> None:
+    """Python reports an exception raised in ``__del__`` or a weakref callback as 'Exception
+    ignored' and carries on: a Ctrl-C or SIGTERM landing there must not be lost."""
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_IN_A_FINALIZER.replace("{name}", name)],
+                          env=cli_env(), capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert "finished" not in proc.stdout
+    sig = getattr(signal, f"SIG{name}")
+    assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig), proc.stderr
+    assert proc.stderr.count("\n") == 1 and "nothing was written" in proc.stderr, proc.stderr

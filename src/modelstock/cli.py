@@ -5,9 +5,11 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import os
 import re
 import signal
 import sys
+import threading
 
 import click
 import torch
@@ -76,6 +78,21 @@ def _steady_heap() -> None:
         pass
 
 
+def _redeliver_swallowed_signal(unraisable, previous_hook=sys.unraisablehook) -> None:
+    """Python swallows (prints as 'Exception ignored') what a signal handler raises while a
+    ``__del__`` or weakref callback runs: send such a signal again, a little later from another
+    thread, so that its handler runs once this hook has returned, in ordinary code (should it
+    land in a finalizer again, this hook sends it once more)."""
+    exc = unraisable.exc_value
+    if isinstance(exc, _Terminated | KeyboardInterrupt):
+        sig = exc.args[0] if isinstance(exc, _Terminated) else signal.SIGINT
+        later = threading.Timer(0.01, os.kill, (os.getpid(), sig))
+        later.daemon = True
+        later.start()
+    else:
+        previous_hook(unraisable)
+
+
 def run_guarded(fn, *args, **kwargs):
     """Run ``fn``; turn user errors into one line on stderr and an exit status, no traceback.
 
@@ -86,6 +103,7 @@ def run_guarded(fn, *args, **kwargs):
     """
     handlers = {"SIGTERM": _on_signal, "SIGHUP": _on_signal, "SIGXFSZ": signal.SIG_IGN}
     previous = {}
+    hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed_signal
     try:
         _steady_heap()
         # Everything imported so far (torch alone makes hundreds of thousands of objects) leaves
@@ -112,6 +130,7 @@ def run_guarded(fn, *args, **kwargs):
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
+        sys.unraisablehook = hook
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
