@@ -18,13 +18,15 @@ from tests.conftest import SRC, make_finetunes
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
                                 reason="C loops not built (no C compiler at install time)")
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def as_f32(t: torch.Tensor) -> np.ndarray:
-    """Exact float32 values of a float32 or bfloat16 tensor, widened by bit shifting."""
+    """Exact float32 values of a tensor: bfloat16 widened by bit shifting, float16 by NumPy."""
     if t.dtype == torch.float32:
         return t.numpy().copy()
+    if t.dtype == torch.float16:
+        return t.numpy().astype(np.float32)
     bits = t.view(torch.int16).numpy().astype(np.uint16).astype(np.uint32) << 16
     return bits.view(np.float32)
 
@@ -108,6 +110,61 @@ def test_bfloat16_rounding_of_special_values_matches_torch() -> None:
     assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16))
 
 
+HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=["f16c", "portable"])
+def conversions(request):
+    """float16 conversions with the F16C instructions (where the CPU has them) and without."""
+    kernels._LIB.ms_use_f16c(request.param == "f16c")
+    yield request.param
+    kernels._LIB.ms_use_f16c(1)
+
+
+def every_value(dtype: torch.dtype) -> torch.Tensor:
+    """All 65536 bit patterns of a 16-bit float dtype."""
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_widening_is_exact_for_every_16_bit_pattern(dtype: torch.dtype, conversions) -> None:
+    """d = w - 0 for every value of the dtype: torch's widening, bit for bit (NaN as NaN)."""
+    w = every_value(dtype)
+    total = torch.empty(w.numel())
+    assert kernels.stats(torch.zeros_like(w), [w], total, None)
+    expected = w.float() - 0.0
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(total), nan)
+    assert torch.equal(total[~nan].view(torch.int32), expected[~nan].view(torch.int32))
+
+
+def halfway_cases(dtype: torch.dtype) -> torch.Tensor:
+    """float32 values at and next to every rounding decision of ``dtype``: each finite value,
+    the halfway point to the next one up, and the float32 neighbours of that point."""
+    v = every_value(dtype)
+    v = v[torch.isfinite(v)]
+    up = torch.nextafter(v, torch.full_like(v, float("inf")))
+    mid = ((v.double() + up.double()) / 2).float()  # exact: a few more bits than dtype
+    inf, ninf = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+    cases = [v.float(), mid, torch.nextafter(mid, inf), torch.nextafter(mid, ninf),
+             torch.tensor([3.4028235e38, -3.4028235e38, 1e-45, -1e-45, 2.0**-25, 2.0**-26,
+                           float("inf"), float("-inf"), float("nan")])]
+    return torch.cat([c.float() for c in cases])
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_narrowing_rounds_like_torch_at_every_halfway_point(dtype: torch.dtype,
+                                                            conversions) -> None:
+    """Round to nearest even at each of the dtype's ties, overflow to infinity, subnormals."""
+    x = halfway_cases(dtype)
+    out = torch.empty(x.numel(), dtype=dtype)
+    assert kernels.combine(x, torch.zeros_like(x), 0.0, out)
+    expected = (x + 0.0).to(dtype)  # -0.0 + 0.0 is +0.0 in both
+    nan = torch.isnan(expected)  # torch's own NaN bits differ between its vector and scalar loops
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
 @pytest.mark.parametrize("granularity", ["tensor", "model"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk", [None, 777])
@@ -131,18 +188,18 @@ def test_merge_with_and_without_the_loops_agree(monkeypatch, granularity: str,
 def test_cases_the_loops_do_not_take_fall_back_to_torch() -> None:
     w0, ws = weights(100, 2, torch.float32, 0)
     g = torch.zeros((2, 2), dtype=torch.float64)
-    assert not kernels.stats(w0.half(), [w.half() for w in ws], None, g)  # float16
+    assert not kernels.stats(w0.double(), [w.double() for w in ws], None, g)  # float64
     assert not kernels.stats(w0, [ws[0], ws[1].bfloat16()], None, g)  # mixed dtypes
     assert not kernels.stats(w0[::2], [w[::2] for w in ws], None, g)  # not contiguous
     assert not kernels.stats(w0, ws * 9, None, torch.zeros((18, 18), dtype=torch.float64))
     assert not kernels.stats(w0, ws, torch.empty(100, dtype=torch.float64), None)
-    assert not kernels.combine(w0, torch.empty(100), 0.5, torch.empty(100, dtype=torch.half))
+    assert not kernels.combine(w0, torch.empty(100), 0.5, torch.empty(100, dtype=torch.double))
     assert not kernels.output(w0, ws, 0.5, torch.empty(99))
     assert torch.equal(g, torch.zeros((2, 2), dtype=torch.float64))  # nothing written
     # ... and stock.py then takes its torch path to the same figures
-    ref = stock.gram(stock.task_vectors(w0.half(), [w.half() for w in ws]))
-    assert torch.allclose(stock.chunk_stats(w0.half(), [w.half() for w in ws], torch.float32),
-                          ref, rtol=1e-12)
+    mixed = [ws[0], ws[1].bfloat16()]
+    ref = stock.gram(stock.task_vectors(w0, mixed))
+    assert torch.allclose(stock.chunk_stats(w0, mixed, torch.float32), ref, rtol=1e-12)
 
 
 def test_environment_switch_turns_the_loops_off() -> None:

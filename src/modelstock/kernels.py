@@ -4,8 +4,8 @@ The C loops do in one pass per cache block what `modelstock.stock` does in about
 calls, to the same rounding (see ``_kernels.c``), and ctypes releases the GIL while they run.
 They are built at install time where a C compiler is present; without them, or with
 ``MODELSTOCK_KERNELS=0`` in the environment, every function here returns False and the caller
-takes its pure-torch path. They only take float32 or bfloat16 weights of one dtype, contiguous
-on the CPU, with float32 arithmetic; anything else is left to torch.
+takes its pure-torch path. They only take float32, bfloat16 or float16 weights of one dtype,
+contiguous on the CPU, with float32 arithmetic; anything else is left to torch.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import torch
 
 MAX_MODELS = 16  # as in _kernels.c
-VERSION = 1  # _kernels.c's ms_version(): an older build is left unused
-_CODES = {torch.float32: 0, torch.bfloat16: 1}
+VERSION = 3  # _kernels.c's ms_version(): an older build is left unused
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ptr, _i64, _f64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 
 

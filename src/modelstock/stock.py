@@ -12,7 +12,7 @@ their dot products accumulated in float64. Everything here works on flat chunks 
 code serves whole tensors, chunks of huge tensors, rows (``granularity="row"``), whole models,
 post-hoc merging and merging during training. Where they were built, the C loops of
 `modelstock.kernels` run the block loops of `chunk_stats`, `combine` and `stock_output` for
-float32 and bfloat16 weights, to the same rounding.
+float32, bfloat16 and float16 weights, to the same rounding.
 """
 
 from __future__ import annotations
