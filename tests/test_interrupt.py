@@ -236,3 +236,47 @@ def test_a_signal_that_lands_in_a_finalizer_still_stops_the_run(name: str) -> No
     sig = getattr(signal, f"SIG{name}")
     assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig), proc.stderr
     assert proc.stderr.count("\n") == 1 and "nothing was written" in proc.stderr, proc.stderr
+
+
+SIGNAL_WHILE_PUT_IN_PLACE = r"""
+import os, signal, sys
+from pathlib import Path
+from modelstock import output
+from modelstock.cli import run_guarded
+
+out = Path(sys.argv[1])
+output._renameat2 = lambda a, b, flags: False  # no atomic exchange: two renames and a removal
+real_rename = os.rename
+
+def rename(a, b):
+    real_rename(a, b)
+    if Path(b) == out:  # the new output just went in place: Ctrl-C now
+        os.kill(os.getpid(), signal.SIG{name})
+
+def job():
+    with output.atomic_output(out, force=True) as tmp:
+        (tmp / "weights").write_text("new")
+    os.rename = real_rename
+
+os.rename = rename
+run_guarded(job)
+"""
+
+
+@pytest.mark.parametrize("name", ["INT", "TERM"])
+def test_a_signal_while_the_output_goes_in_place_waits_and_says_so(name: str,
+                                                                   tmp_path: Path) -> None:
+    """Signals are held from the first rename to the removal of the old output: the new one is
+    complete, no ``-old`` is left behind, and the message does not claim nothing was written."""
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_PUT_IN_PLACE.replace("{name}", name),
+                           str(out)], env=cli_env(), capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    sig = getattr(signal, f"SIG{name}")
+    assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"the complete output is in place: {out}" in proc.stderr
+    assert (out / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]

@@ -93,6 +93,13 @@ def _redeliver_swallowed_signal(unraisable, previous_hook=sys.unraisablehook) ->
         previous_hook(unraisable)
 
 
+def _written(signal_exc: BaseException) -> str:
+    """What an interrupted run leaves: nothing, or (a signal held while the finished output
+    was moved into place, see `output.atomic_output`) the complete output."""
+    out = getattr(signal_exc, "output_written", None)
+    return "nothing was written" if out is None else f"the complete output is in place: {out}"
+
+
 def run_guarded(fn, *args, **kwargs):
     """Run ``fn``; turn user errors into one line on stderr and an exit status, no traceback.
 
@@ -121,11 +128,11 @@ def run_guarded(fn, *args, **kwargs):
             message = (f"{e.filename}: " if e.filename else "") + str(e.strerror or e)
         click.echo(f"modelstock: error: {message}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("modelstock: interrupted; nothing was written", err=True)
+    except KeyboardInterrupt as e:
+        click.echo(f"modelstock: interrupted; {_written(e)}", err=True)
         sys.exit(130)
     except _Terminated as e:
-        click.echo("modelstock: terminated; nothing was written", err=True)
+        click.echo(f"modelstock: terminated; {_written(e)}", err=True)
         sys.exit(128 + e.args[0])
     finally:
         for sig, h in previous.items():

@@ -231,7 +231,8 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _put_in_place(tmp: Path, out: Path, force: bool) -> None:
     """Move the complete ``tmp`` to ``out``. ``out`` is at every instant either absent, the old
-    output or the new one; with ``force`` it is never absent where the kernel can exchange."""
+    output or the new one; with ``force`` it is never absent where the kernel can exchange.
+    Called with signals held (`atomic_output`), so that only a SIGKILL can cut it short."""
     if not (out.exists() or out.is_symlink()):
         try:
             if _renameat2(tmp, out, RENAME_NOREPLACE):
@@ -250,22 +251,16 @@ def _put_in_place(tmp: Path, out: Path, force: bool) -> None:
         _remove(tmp)  # now holds the old output
     else:
         # No atomic exchange: set the old output aside, put the new one in place. Between
-        # the two renames ``out`` is absent; an interruption there puts the old one back (a
-        # SIGKILL there leaves it as ``...-old``, which the next run puts back).
+        # the two renames ``out`` is absent; a SIGKILL there leaves the old one as ``...-old``,
+        # which the next run puts back (`_remove_stale_temps`).
         old = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-old"
+        os.rename(out, old)
         try:
-            os.rename(out, old)
             os.rename(tmp, out)
         except BaseException:
-            with _signals_deferred():
-                if old.exists():
-                    if out.exists():  # interrupted just after the rename: the new one is in
-                        _remove(old)
-                    else:
-                        os.rename(old, out)
+            os.rename(old, out)
             raise
-        with _signals_deferred():  # the new output is in place: finish, then honour a signal
-            _remove(old)
+        _remove(old)
 
 
 def _missing_dirs(path: Path) -> list[Path]:
@@ -312,14 +307,20 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
     tmp = out.parent / (f".{out.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
                         + ("" if is_dir else ".safetensors"))
     made = _missing_dirs(out)
+    placed = False
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(out)
         if is_dir:
             tmp.mkdir()
         yield tmp
-        _put_in_place(tmp, out, force)
+        with _signals_deferred():  # moving into place is not cut short; a signal waits for it
+            _put_in_place(tmp, out, force)
+            placed = True
     except BaseException as e:
+        if placed:  # a signal that arrived while the complete output was being put in place
+            e.output_written = out  # what the CLI tells the user
+            raise
         with _signals_deferred():  # a second Ctrl-C must not cut the cleanup short
             _remove(tmp)
             for d in made:
