@@ -280,3 +280,28 @@ def test_a_signal_while_the_output_goes_in_place_waits_and_says_so(name: str,
     assert f"the complete output is in place: {out}" in proc.stderr
     assert (out / "weights").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_second_signal_before_the_cleanup_holds_signals_still_cleans_up(
+        tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C, then a second one in the few bytecodes before the cleanup has set its handlers
+    (seen once in 1298 harness trials, a second SIGINT from another thread): the temporary is
+    still removed."""
+    from modelstock import output
+
+    real = output._signals_deferred
+    calls = []
+
+    def deferred_but_late():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the second Ctrl-C, just before the handlers took hold
+        return real()
+
+    monkeypatch.setattr(output, "_signals_deferred", deferred_but_late)
+    out = tmp_path / "merged"
+    with pytest.raises(KeyboardInterrupt), output.atomic_output(out) as tmp:
+        (tmp / "weights").write_text("partial")
+        raise KeyboardInterrupt  # the first Ctrl-C, mid-write
+    assert list(tmp_path.iterdir()) == []
+    assert len(calls) == 2

@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .api import DEFAULT_SHARD_BYTES, merge_checkpoints
 from .engine import DEFAULT_CHUNK_NUMEL, GRANULARITIES, METHODS, MergeOptions
-from .errors import ModelStockError
+from .errors import ModelStockError, Terminated
 
 DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -61,12 +61,8 @@ def _dtype(ctx, param, value):
         raise click.BadParameter(f"{value!r}; choose from {', '.join(DTYPE_NAMES)}") from None
 
 
-class _Terminated(BaseException):
-    """Raised by the SIGTERM/SIGHUP handler so that cleanup code runs as for Ctrl-C."""
-
-
 def _on_signal(signum, frame):
-    raise _Terminated(signum)
+    raise Terminated(signum)
 
 
 def _steady_heap() -> None:
@@ -78,16 +74,20 @@ def _steady_heap() -> None:
         pass
 
 
+_resends: list[threading.Timer] = []  # signals to send again; cancelled once a run is over
+
+
 def _redeliver_swallowed_signal(unraisable, previous_hook=sys.unraisablehook) -> None:
     """Python swallows (prints as 'Exception ignored') what a signal handler raises while a
     ``__del__`` or weakref callback runs: send such a signal again, a little later from another
     thread, so that its handler runs once this hook has returned, in ordinary code (should it
     land in a finalizer again, this hook sends it once more)."""
     exc = unraisable.exc_value
-    if isinstance(exc, _Terminated | KeyboardInterrupt):
-        sig = exc.args[0] if isinstance(exc, _Terminated) else signal.SIGINT
+    if isinstance(exc, Terminated | KeyboardInterrupt):
+        sig = exc.args[0] if isinstance(exc, Terminated) else signal.SIGINT
         later = threading.Timer(0.01, os.kill, (os.getpid(), sig))
         later.daemon = True
+        _resends.append(later)
         later.start()
     else:
         previous_hook(unraisable)
@@ -131,13 +131,16 @@ def run_guarded(fn, *args, **kwargs):
     except KeyboardInterrupt as e:
         click.echo(f"modelstock: interrupted; {_written(e)}", err=True)
         sys.exit(130)
-    except _Terminated as e:
+    except Terminated as e:
         click.echo(f"modelstock: terminated; {_written(e)}", err=True)
         sys.exit(128 + e.args[0])
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
         sys.unraisablehook = hook
+        for later in _resends:  # the run is over (done, or stopped by another signal)
+            later.cancel()
+        _resends.clear()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

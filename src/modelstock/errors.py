@@ -19,3 +19,8 @@ class ModelStockError(Exception):
         super().__init__(" ".join(text.split()))
         self.path = None if path is None else str(path)
         self.tensor = tensor
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (``args[0]``), raised by the CLI's handler so that cleanup runs as it
+    does for Ctrl-C's KeyboardInterrupt; not an Exception, so ``except Exception`` lets it by."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .engine import LayerPlan
-from .errors import ModelStockError
+from .errors import ModelStockError, Terminated
 from .safetensors_io import DTYPE_NAMES, SafetensorsWriter
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -321,11 +321,16 @@ def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
         if placed:  # a signal that arrived while the complete output was being put in place
             e.output_written = out  # what the CLI tells the user
             raise
-        with _signals_deferred():  # a second Ctrl-C must not cut the cleanup short
-            _remove(tmp)
-            for d in made:
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+        while True:
+            try:
+                with _signals_deferred():  # a second Ctrl-C must not cut the cleanup short...
+                    _remove(tmp)
+                    for d in made:
+                        with contextlib.suppress(OSError):
+                            d.rmdir()
+                break
+            except (KeyboardInterrupt, Terminated):  # ...nor one just before it took hold
+                continue  # (or held by it: the run is being stopped already)
         if isinstance(e, OSError):
             where = "" if str(e.filename or "").startswith(str(tmp)) or not e.filename \
                 else f": {e.filename}"
