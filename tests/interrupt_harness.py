@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import modelstock.output as mo  # noqa: E402
 import modelstock.safetensors_io as sio  # noqa: E402
-from modelstock.cli import main  # noqa: E402
+from modelstock.cli import entry_point  # noqa: E402
 
 SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
 WRITE_LIKE = ("writer.open", "writer.write", "writer.close", "write_text", "copy2", "mkdir")
@@ -121,7 +121,7 @@ def run_child(argv: list[str], log: Path, trial: dict, ready_fd: int | None = No
     if ready_fd is not None:
         os.write(ready_fd, b".")
     try:
-        main(argv, prog_name="modelstock")
+        entry_point(argv, prog_name="modelstock")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException as e:  # noqa: BLE001 - report anything that escaped the CLI

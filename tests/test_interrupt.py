@@ -305,3 +305,18 @@ def test_a_second_signal_before_the_cleanup_holds_signals_still_cleans_up(
         raise KeyboardInterrupt  # the first Ctrl-C, mid-write
     assert list(tmp_path.iterdir()) == []
     assert len(calls) == 2
+
+
+def test_a_ctrl_c_in_clicks_own_set_up_is_one_line(monkeypatch, capsys) -> None:
+    """Large harness: SIGINTs 0.1-0.2 ms into the command landed in click's code before our
+    guard and escaped as KeyboardInterrupt. The console script catches what click lets by."""
+    from modelstock import cli
+
+    def click_setting_up(args, prog_name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", click_setting_up)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.entry_point(["merge", "--help"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "modelstock: interrupted\n"

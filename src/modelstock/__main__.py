@@ -1,5 +1,5 @@
 """``python -m modelstock`` is the ``modelstock`` command."""
 
-from .cli import main
+from .cli import entry_point
 
-main()
+entry_point()

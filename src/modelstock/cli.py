@@ -337,5 +337,16 @@ def inspect_cmd(anchor, models, json_path, csv_path, plot_path, html_path, full,
     run_guarded(job)
 
 
+def entry_point(args: list[str] | None = None, prog_name: str = "modelstock") -> None:
+    """The ``modelstock`` command (console script, ``python -m modelstock``): click's `main`,
+    with a Ctrl-C that lands in click's own set-up, before `run_guarded`, reported in one line
+    like any other instead of as a traceback."""
+    try:
+        main(args, prog_name=prog_name)
+    except KeyboardInterrupt:
+        click.echo("modelstock: interrupted", err=True)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    entry_point()
