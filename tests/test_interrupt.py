@@ -320,3 +320,20 @@ def test_a_ctrl_c_in_clicks_own_set_up_is_one_line(monkeypatch, capsys) -> None:
         cli.entry_point(["merge", "--help"])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "modelstock: interrupted\n"
+
+
+def test_an_ignored_signal_stays_ignored_while_signals_are_held() -> None:
+    """Large harness, run as a background job (SIGINT ignored): holding SIGINT there raced with
+    putting SIG_IGN back, and CPython printed 'Signal 2 ignored due to race condition'."""
+    from modelstock import output
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        with output._signals_deferred():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not term  # held, as before
+        assert signal.getsignal(signal.SIGTERM) is term
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

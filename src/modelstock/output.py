@@ -279,6 +279,8 @@ def _signals_deferred() -> Iterator[None]:
 
     Python-level handlers, not a signal mask: a mask is per thread, and the kernel hands a
     process-directed signal to any thread that does not block it (torch starts threads).
+    An ignored signal (SIG_IGN: a background job's SIGINT) stays ignored: catching it here
+    would only race with putting SIG_IGN back ("Signal 2 ignored due to race condition").
     """
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
@@ -287,7 +289,7 @@ def _signals_deferred() -> Iterator[None]:
     previous = {}
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         sig = getattr(signal, name, None)
-        if sig is not None and signal.getsignal(sig) is not None:
+        if sig is not None and signal.getsignal(sig) not in (None, signal.SIG_IGN):
             previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
         yield
