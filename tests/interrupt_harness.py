@@ -98,6 +98,9 @@ def run_child(argv: list[str], log: Path, trial: dict, ready_fd: int | None = No
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     torch.set_num_threads(1)
+    # Ctrl-C as in a terminal, even where this harness runs as a background job (whose SIGINT
+    # is ignored, and would stay ignored in the child: the timed INT trials would test little)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     events: list[str] = []
     mode = trial["mode"]
 
