@@ -337,3 +337,36 @@ def test_an_ignored_signal_stays_ignored_while_signals_are_held() -> None:
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.parametrize("signal_exc", [KeyboardInterrupt(), "terminated"])
+def test_a_signal_that_broke_a_lock_is_still_reported_as_the_signal(signal_exc, capsys) -> None:
+    """Large harness: a SIGTERM inside a threading primitive left a lock half released, and
+    'RuntimeError: release unlocked lock' replaced the Terminated exception and escaped."""
+    from modelstock.cli import run_guarded
+    from modelstock.errors import Terminated
+
+    exc = Terminated(signal.SIGTERM) if signal_exc == "terminated" else signal_exc
+
+    def job():
+        try:
+            raise exc
+        except BaseException:
+            raise RuntimeError("release unlocked lock")  # noqa: B904 - as threading does
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_guarded(job)
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    assert exit_info.value.code == (130 if interrupted else 128 + signal.SIGTERM)
+    word = "interrupted" if interrupted else "terminated"
+    assert capsys.readouterr().err == f"modelstock: {word}; nothing was written\n"
+
+
+def test_a_runtime_error_of_our_own_is_not_taken_for_a_signal() -> None:
+    from modelstock.cli import run_guarded
+
+    def job():
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_guarded(job)

@@ -93,10 +93,19 @@ def _redeliver_swallowed_signal(unraisable, previous_hook=sys.unraisablehook) ->
         previous_hook(unraisable)
 
 
-def _written(signal_exc: BaseException) -> str:
+def _signal_behind(exc: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or Terminated that ``exc`` is, or that it was raised while
+    handling: a signal's exception raised inside a threading primitive can leave a lock half
+    released, and the error that follows ("release unlocked lock") then replaces it."""
+    while exc is not None and not isinstance(exc, KeyboardInterrupt | Terminated):
+        exc = exc.__context__
+    return exc
+
+
+def _written(*excs: BaseException) -> str:
     """What an interrupted run leaves: nothing, or (a signal held while the finished output
     was moved into place, see `output.atomic_output`) the complete output."""
-    out = getattr(signal_exc, "output_written", None)
+    out = next((e.output_written for e in excs if hasattr(e, "output_written")), None)
     return "nothing was written" if out is None else f"the complete output is in place: {out}"
 
 
@@ -128,12 +137,15 @@ def run_guarded(fn, *args, **kwargs):
             message = (f"{e.filename}: " if e.filename else "") + str(e.strerror or e)
         click.echo(f"modelstock: error: {message}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt as e:
-        click.echo(f"modelstock: interrupted; {_written(e)}", err=True)
-        sys.exit(130)
-    except Terminated as e:
-        click.echo(f"modelstock: terminated; {_written(e)}", err=True)
-        sys.exit(128 + e.args[0])
+    except (KeyboardInterrupt, Terminated, RuntimeError) as e:
+        sig = _signal_behind(e)
+        if sig is None:
+            raise
+        if isinstance(sig, KeyboardInterrupt):
+            click.echo(f"modelstock: interrupted; {_written(e, sig)}", err=True)
+            sys.exit(130)
+        click.echo(f"modelstock: terminated; {_written(e, sig)}", err=True)
+        sys.exit(128 + sig.args[0])
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
