@@ -21,6 +21,7 @@
 #define MAX_MODELS 16
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
+#define BAD_DTYPE(t) ((t) < F32 || (t) > F16)
 
 /* With GCC or clang on x86-64 Linux, each entry point is also built for AVX2 and the loader
  * picks the build the CPU supports (the Gram loop runs ~1.4x faster with 256-bit vectors). */
@@ -207,7 +208,7 @@ INLINE void block_combine(const void *anchor, int dt, int64_t s, int64_t m,
  * total[k] = sum_i (models[i][k] - anchor[k]). Returns -1 for unsupported arguments. */
 EXPORT ENTRY int ms_stats(const void *anchor, const void *const *models, int n, int64_t numel,
                           int dt, float *total, double *gram) {
-    if (n < 1 || n > MAX_MODELS || (dt < F32 || dt > F16)) return -1;
+    if (n < 1 || n > MAX_MODELS || BAD_DTYPE(dt)) return -1;
     float d[MAX_MODELS][BLK];
     double g[MAX_MODELS * MAX_MODELS] = {0};
     for (int64_t s = 0; s < numel; s += BLK) {
@@ -229,7 +230,7 @@ EXPORT ENTRY int ms_stats(const void *anchor, const void *const *models, int n, 
 /* out = anchor + scale * total (see block_combine). */
 EXPORT ENTRY int ms_combine(const void *anchor, const float *total, double scale, void *out,
                             int64_t numel, int dt, int odt) {
-    if ((dt < F32 || dt > F16) || (odt < F32 || odt > F16)) return -1;
+    if (BAD_DTYPE(dt) || BAD_DTYPE(odt)) return -1;
     for (int64_t s = 0; s < numel; s += BLK) {
         int64_t m = numel - s < BLK ? numel - s : BLK;
         block_combine(anchor, dt, s, m, total + s, (float)scale, out, odt);
@@ -240,7 +241,7 @@ EXPORT ENTRY int ms_combine(const void *anchor, const float *total, double scale
 /* out = anchor + scale * sum_i (models[i] - anchor), straight from the weights. */
 EXPORT ENTRY int ms_output(const void *anchor, const void *const *models, int n, int64_t numel,
                            int dt, double scale, void *out, int odt) {
-    if (n < 1 || n > MAX_MODELS || (dt < F32 || dt > F16) || (odt < F32 || odt > F16))
+    if (n < 1 || n > MAX_MODELS || BAD_DTYPE(dt) || BAD_DTYPE(odt))
         return -1;
     float d[MAX_MODELS][BLK], sum[BLK];
     for (int64_t s = 0; s < numel; s += BLK) {

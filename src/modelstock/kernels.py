@@ -57,10 +57,15 @@ def _fits(tensors: Sequence[torch.Tensor | None], dtypes: Sequence[torch.dtype])
                for t, d in zip(tensors, dtypes, strict=True))
 
 
-def _models(models: Sequence[torch.Tensor], dtype: torch.dtype, numel: int):
-    if not 1 <= len(models) <= MAX_MODELS or not _fits(models, [dtype] * len(models)):
+def _weights(anchor: torch.Tensor, models: Sequence[torch.Tensor]):
+    """Pointers to the models' data for the C loops, or None if the loops cannot take these
+    weights (not built, another dtype, not contiguous on the CPU, lengths differ)."""
+    dt = anchor.dtype
+    if _LIB is None or dt not in _CODES or not 1 <= len(models) <= MAX_MODELS:
         return None
-    if any(m.numel() != numel for m in models):
+    if not _fits([anchor, *models], [dt] * (len(models) + 1)):
+        return None
+    if any(m.numel() != anchor.numel() for m in models):
         return None
     return (_ptr * len(models))(*(m.data_ptr() for m in models))
 
@@ -69,19 +74,15 @@ def stats(anchor: torch.Tensor, models: Sequence[torch.Tensor], total: torch.Ten
           gram: torch.Tensor | None) -> bool:
     """``total = sum_i (w_i - w0)`` (float32) and ``gram += <d_i, d_j>`` (float64, ``[N, N]``)
     for flat chunks, each optional; False, with nothing written, if the loops cannot take it."""
-    dt = anchor.dtype
-    if _LIB is None or dt not in _CODES or not _fits([anchor, total], [dt, torch.float32]):
+    ptrs = _weights(anchor, models)
+    if ptrs is None or not _fits([total, gram], [torch.float32, torch.float64]):
         return False
-    if gram is not None and (gram.shape != (len(models),) * 2
-                             or not _fits([gram], [torch.float64])):
+    if gram is not None and gram.shape != (len(models),) * 2:
         return False
     if total is not None and total.numel() != anchor.numel():
         return False
-    ptrs = _models(models, dt, anchor.numel())
-    if ptrs is None:
-        return False
-    rc = _LIB.ms_stats(anchor.data_ptr(), ptrs, len(models), anchor.numel(), _CODES[dt],
-                       None if total is None else total.data_ptr(),
+    rc = _LIB.ms_stats(anchor.data_ptr(), ptrs, len(models), anchor.numel(),
+                       _CODES[anchor.dtype], None if total is None else total.data_ptr(),
                        None if gram is None else gram.data_ptr())
     return rc == 0
 
@@ -103,14 +104,11 @@ def output(anchor: torch.Tensor, models: Sequence[torch.Tensor], scale: float,
            out: torch.Tensor) -> bool:
     """``out = w0 + scale * sum_i (w_i - w0)`` straight from the weights (`stats` + `combine`
     for one cache block at a time)."""
-    dt = anchor.dtype
-    if _LIB is None or dt not in _CODES or out.dtype not in _CODES:
+    ptrs = _weights(anchor, models)
+    if ptrs is None or out.dtype not in _CODES or not _fits([out], [out.dtype]):
         return False
-    if not _fits([anchor, out], [dt, out.dtype]) or out.numel() != anchor.numel():
+    if out.numel() != anchor.numel():
         return False
-    ptrs = _models(models, dt, anchor.numel())
-    if ptrs is None:
-        return False
-    rc = _LIB.ms_output(anchor.data_ptr(), ptrs, len(models), anchor.numel(), _CODES[dt],
-                        scale, out.data_ptr(), _CODES[out.dtype])
+    rc = _LIB.ms_output(anchor.data_ptr(), ptrs, len(models), anchor.numel(),
+                        _CODES[anchor.dtype], scale, out.data_ptr(), _CODES[out.dtype])
     return rc == 0
