@@ -164,17 +164,17 @@ def main() -> None:
     files = [str(d / "model.safetensors") for d in dirs]
 
     py = sys.executable
-    def ours(out: Path) -> tuple:
+    def our_merge(out: Path) -> tuple:
         return (py, "module", "modelstock",
                 ["merge", *map(str, dirs), "-o", str(out), "-q", *args.modelstock_args.split()])
 
     runners = {
-        "modelstock": ours,
+        "modelstock": our_merge,
         "floor": lambda out: (py, "code", FLOOR, ["buffered", str(out), *files]),
         "floor-direct": lambda out: (py, "code", FLOOR, ["direct", str(out), *files]),
     }
     if args.torch_path:
-        runners["torch-path"] = lambda out: (*ours(out), {"MODELSTOCK_KERNELS": "0"})
+        runners["torch-path"] = lambda out: (*our_merge(out), {"MODELSTOCK_KERNELS": "0"})
     mk_bin = args.mergekit_venv / "bin" / "mergekit-yaml" if args.mergekit_venv else None
     if mk_bin is not None and mk_bin.exists():
         cfg = out_root / "mergekit.yml"
