@@ -3,6 +3,8 @@ every key this engine cannot honour."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -149,10 +151,15 @@ def test_average_is_the_plain_mean_of_the_models(tmp_path: Path, paths: list[str
 # -- round trips -----------------------------------------------------------------------------
 
 
+def unclamped(options: MergeOptions) -> MergeOptions:
+    """A YAML read back is clamped (our default for model_stock); mergekit never clamps."""
+    return dataclasses.replace(options, clamp=False)
+
+
 @pytest.mark.parametrize("options", [
-    MergeOptions(),
-    MergeOptions(granularity="row", dtype=torch.bfloat16),
-    MergeOptions(dtype=torch.float16, compute_dtype=torch.float64),
+    MergeOptions(clamp=False),
+    MergeOptions(granularity="row", dtype=torch.bfloat16, clamp=False),
+    MergeOptions(dtype=torch.float16, compute_dtype=torch.float64, clamp=False),
     MergeOptions(method="linear", weights=(0.25, 0.75, 2.0), normalize=False),
     MergeOptions(method="linear", weights=(1.0, 1.0, 1.0), dtype=torch.float32),
 ])
@@ -164,8 +171,9 @@ def test_options_round_trip_through_mergekit_yaml(tmp_path: Path, paths: list[st
     path = tmp_path / "rt.yml"
     path.write_text(text)
     cfg = load_config(path)
-    assert (cfg.anchor, cfg.models, cfg.options) == (anchor, fts, options)
-    assert to_mergekit_yaml(cfg.anchor, cfg.models, cfg.options) == text
+    read = unclamped(cfg.options) if options.method == "model-stock" else cfg.options
+    assert (cfg.anchor, cfg.models, read) == (anchor, fts, options)
+    assert to_mergekit_yaml(cfg.anchor, cfg.models, read) == text
 
 
 def test_yaml_round_trips_through_options(tmp_path: Path, paths: list[str]) -> None:
@@ -174,16 +182,48 @@ def test_yaml_round_trips_through_options(tmp_path: Path, paths: list[str]) -> N
            "models": [{"model": m} for m in fts], "parameters": {"filter_wise": True},
            "dtype": "float64", "out_dtype": "bfloat16"}
     cfg = parse_config(doc)
-    assert yaml.safe_load(to_mergekit_yaml(cfg.anchor, cfg.models, cfg.options)) == doc
+    assert cfg.options.clamp  # read with our default
+    assert yaml.safe_load(to_mergekit_yaml(cfg.anchor, cfg.models, unclamped(cfg.options))) \
+        == doc
+
+
+def test_mergekit_computes_in_float32_beside_an_output_dtype() -> None:
+    """mergekit computes in `dtype` (else in the inputs' dtype): written as float32 where an
+    out_dtype lets it be; without one, `dtype` would be mergekit's output dtype too."""
+    doc = yaml.safe_load(to_mergekit_yaml("base", ["a", "b"], MergeOptions(
+        clamp=False, dtype=torch.bfloat16)))
+    assert (doc["dtype"], doc["out_dtype"]) == ("float32", "bfloat16")
+    doc = yaml.safe_load(to_mergekit_yaml("base", ["a", "b"], MergeOptions(clamp=False)))
+    assert "dtype" not in doc and "out_dtype" not in doc
+
+
+def test_a_clamped_merge_is_refused_as_mergekit_has_no_clamp() -> None:
+    with pytest.raises(ModelStockError) as e:
+        to_mergekit_yaml("base", ["a", "b"], MergeOptions())
+    msg = str(e.value)
+    assert "\n" not in msg and "clamp" in msg and "no clamp" in msg and "--no-clamp" in msg
+    # the unclamped merge is mergekit's model_stock; linear has no t to clamp
+    doc = yaml.safe_load(to_mergekit_yaml("base", ["a", "b"], MergeOptions(clamp=False)))
+    assert doc["merge_method"] == "model_stock" and doc["base_model"] == "base"
+    for clamp in (True, False):
+        doc = yaml.safe_load(to_mergekit_yaml("a", ["a", "b"], MergeOptions(
+            method="linear", weights=(1.0, 2.0), clamp=clamp)))
+        assert doc["merge_method"] == "linear"
+
+
+def test_execution_options_do_not_stop_a_mergekit_yaml() -> None:
+    plain = to_mergekit_yaml("base", ["a", "b"], MergeOptions(clamp=False))
+    assert to_mergekit_yaml("base", ["a", "b"], MergeOptions(
+        clamp=False, threads=2, chunk_numel=1024, device="cpu")) == plain
 
 
 @pytest.mark.parametrize("options, what", [
     (MergeOptions(method="uniform"), "method uniform"),
     (MergeOptions(method="wise-ft", alpha=0.5), "method wise-ft"),
-    (MergeOptions(granularity="model"), "granularity"),
-    (MergeOptions(clamp=False), "clamp"),
-    (MergeOptions(keep_anchor=("*.bias",)), "keep_anchor"),
-    (MergeOptions(compute_dtype=torch.float64), "compute_dtype without dtype"),
+    (MergeOptions(granularity="model", clamp=False), "granularity"),
+    (MergeOptions(), "clamp"),
+    (MergeOptions(keep_anchor=("*.bias",), clamp=False), "keep_anchor"),
+    (MergeOptions(compute_dtype=torch.float64, clamp=False), "compute_dtype without dtype"),
 ])
 def test_inexpressible_options_are_refused(options: MergeOptions, what: str) -> None:
     with pytest.raises(ModelStockError, match=what):
@@ -204,13 +244,15 @@ MS = {"merge_method": "model_stock", "base_model": "base", "models": [{"model": 
     ({"tokenizer_source": "union"}, "tokenizer_source"),
     ({"merge_method": "ties"}, "merge_method"),
     ({"lora_rank": 8}, "lora_rank"),
-    ({"parameters": {"density": 0.5}}, "parameters.density"),
     ({"parameters": {"filter_wise": [True, False]}}, "parameters.filter_wise"),
     ({"parameters": {"filter_wise": [{"filter": "mlp", "value": True}]}},
      "parameters.filter_wise"),
     ({"parameters": {"filter_wise": "yes"}}, "parameters.filter_wise"),
-    ({"models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b"}]},
-     "models[0].parameters.weight"),
+    ({"models": [{"model": "a"}]}, "models"),
+    ({"models": [{"model": "base"}, {"model": "a"}]}, "models"),
+    ({"models": [{"model": "a", "parameters": [1.0]}, {"model": "b"}]}, "models[0].parameters"),
+    ({"parameters": {"filter_wise": True, "weight": 1.0}, "models": [{"model": "a"}]},
+     "models"),
     ({"models": [{"model": "a"}, {"model": "b", "layer_range": [0, 4]}]},
      "models[1].layer_range"),
     ({"models": [{"model": {"path": "a"}}, {"model": "b"}]}, "models[0].model"),
@@ -225,6 +267,81 @@ def test_unsupported_keys_are_named(change: dict, key: str) -> None:
         parse_config({**MS, **change}, "merge.yml")
     msg = str(e.value)
     assert msg.startswith("merge.yml: ") and key in msg and "\n" not in msg
+
+
+# Shaped like model_stock configs published with merged models: a weight on every model (the
+# base listed too), parameters copied from other methods. mergekit 0.1.5 never reads them.
+PUBLISHED = """
+base_model: base
+dtype: bfloat16
+merge_method: model_stock
+models:
+  - model: a
+    parameters:
+      weight: 1.0
+  - model: b
+    parameters:
+      weight: 1.0
+      density: 0.53
+  - model: base
+    parameters:
+      weight: 1.0
+parameters:
+  filter_wise: false
+  normalize: true
+  int8_mask: true
+tokenizer_source: base
+"""
+
+
+def test_published_model_stock_configs_are_accepted_with_one_warning_a_kind() -> None:
+    cfg = parse_config(yaml.safe_load(PUBLISHED), "merge.yml")
+    plain = parse_config({**MS, "dtype": "bfloat16", "tokenizer_source": "base"})
+    assert (cfg.anchor, cfg.models, cfg.options) == (plain.anchor, plain.models, plain.options)
+    assert plain.warnings == ()
+    per_model, top = cfg.warnings
+    assert "\n" not in per_model + top
+    assert per_model.startswith("models[0].parameters, models[1].parameters, "
+                                "models[2].parameters: ")
+    assert "density, weight have no effect on merge_method model_stock" in per_model
+    assert "mergekit ignores them too" in per_model
+    assert top.startswith("parameters: int8_mask, normalize have no effect")
+
+
+@pytest.mark.parametrize("params, names", [
+    ({"weight": 0.5}, "weight has no effect"),
+    ({"weight": [0.0, 0.5, 1.0]}, "weight has no effect"),  # a gradient: ignored all the same
+    ({"density": [{"filter": "mlp", "value": 0.5}, {"value": 0.7}]}, "density has no effect"),
+    ({"filter_wise": True}, "counts only under the top-level parameters"),
+])
+def test_per_model_parameters_model_stock_ignores_are_warned_about(params: dict,
+                                                                    names: str) -> None:
+    doc = {**MS, "models": [{"model": "a", "parameters": params}, {"model": "b"}]}
+    cfg = parse_config(doc)
+    assert cfg.options == parse_config(MS).options  # per-model filter_wise: still per tensor
+    (warning,) = cfg.warnings
+    assert warning.startswith("models[0].parameters: ") and names in warning
+
+
+def test_model_stock_needs_two_models_besides_the_base() -> None:
+    for models in ([{"model": "a"}], [{"model": "base"}, {"model": "a"}]):
+        with pytest.raises(ModelStockError, match="at least 2 models besides base_model, got 1"):
+            parse_config({**MS, "models": models})
+
+
+def test_config_warnings_go_into_the_report(tmp_path: Path, paths: list[str]) -> None:
+    from modelstock import merge_checkpoints
+
+    base, *fts = paths
+    doc = {**yaml.safe_load(PUBLISHED), "base_model": base, "dtype": "float32",
+           "models": [{"model": m, "parameters": {"weight": 1.0}} for m in [base, *fts]]}
+    cfg = parse_config(doc)
+    report = merge_checkpoints(cfg.anchor, cfg.models, tmp_path / "y", cfg.options,
+                               annotate=cfg.annotate)
+    assert report.warnings[:2] == list(cfg.warnings)
+    written = json.loads((tmp_path / "y" / "modelstock_report.json").read_text())
+    assert written["warnings"][:2] == list(cfg.warnings)
+    assert all(f"warning      {w}" in report.summary() for w in cfg.warnings)
 
 
 @pytest.mark.parametrize("doc, key", [

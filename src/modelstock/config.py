@@ -5,6 +5,13 @@ Supported (with mergekit's meaning, see README): ``merge_method`` ``model_stock`
 ``average`` (our name for a plain mean of the ``models``); ``base_model``; ``models`` (each
 ``model: PATH`` and optional ``parameters``); ``dtype``; ``out_dtype``; ``tokenizer_source:
 base``. Paths are local, relative to the working directory, as in mergekit.
+
+mergekit 0.1.5's ``model_stock`` (``mergekit/merge_methods/model_stock.py``) declares one
+parameter, ``filter_wise``, read from the top-level ``parameters`` only; every other parameter,
+and every per-model one (``weight``, ``density``, even a per-model ``filter_wise``), is never
+looked up (``mergekit/parameter_resolver.py`` resolves the method's declared parameters only),
+so it has no effect. Published configs often carry them: they are accepted here with a warning
+(`MergeConfig.warnings`), not refused.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 
 from .engine import MergeOptions
 from .errors import ModelStockError
+from .report import MergeReport
 
 CONFIG_METHODS = ("model_stock", "linear", "average")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -34,16 +42,28 @@ UNSUPPORTED_KEYS = {
 GLOBAL_PARAMETERS = {"model_stock": ("filter_wise",), "linear": ("normalize", "weight"),
                      "average": ()}
 MODEL_PARAMETERS = {"model_stock": (), "linear": ("weight",), "average": ()}
+# Methods whose undeclared parameters mergekit never reads: accepted with a warning, not refused.
+IGNORES_OTHER_PARAMETERS = ("model_stock",)
+# MergeOptions fields a mergekit YAML does without: how a merge runs, and allow_nonfinite (which
+# only matters for inputs holding NaN or Inf).
+EXECUTION_FIELDS = ("chunk_numel", "device", "threads", "allow_nonfinite")
 
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """A config resolved to the engine's terms: the anchor, the models, the options."""
+    """A config resolved to the engine's terms: the anchor, the models, the options, and
+    ``warnings`` (one line each) about keys that were accepted but have no effect. They belong
+    in the merge's report: ``merge_checkpoints(..., annotate=cfg.annotate)``."""
 
     anchor: str
     models: list[str]
     options: MergeOptions
     merge_method: str
+    warnings: tuple[str, ...] = ()
+
+    def annotate(self, report: MergeReport) -> None:
+        """Put this config's warnings first among ``report.warnings`` (a `MergeReport`)."""
+        report.warnings[:0] = [w for w in self.warnings if w not in report.warnings]
 
 
 def _fail(source: str, message: str) -> ModelStockError:
@@ -84,16 +104,35 @@ def _dtype(value: object, key: str, source: str) -> torch.dtype | None:
 
 
 def _parameters(value: object, key: str, allowed: Sequence[str], method: str,
-                source: str) -> dict:
+                source: str, ignored: dict[str, list[str]] | None = None) -> dict:
+    """The ``allowed`` parameters of a ``parameters:`` mapping. Any other name is an error, or,
+    where mergekit ignores it (``ignored`` given), left out and recorded there: name -> keys."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise _fail(source, f"{key}: expected a mapping")
+    kept = {}
     for name in value:
-        if name not in allowed:
+        if name in allowed:
+            kept[name] = value[name]
+        elif ignored is not None and isinstance(name, str):
+            ignored.setdefault(name, []).append(key)
+        else:
             raise _fail(source, f"{key}.{name}: not a parameter of merge_method {method} here"
                                 f"{' (allowed: ' + ', '.join(allowed) + ')' if allowed else ''}")
-    return dict(value)
+    return kept
+
+
+def _ignored_warning(method: str, where: str, ignored: dict[str, list[str]]) -> str:
+    """One line naming parameters that ``method`` never reads (name -> the keys holding it)."""
+    names = ", ".join(sorted(ignored))
+    keys = sorted({k for ks in ignored.values() for k in ks}, key=lambda k: (len(k), k))
+    shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    hint = (" (filter_wise counts only under the top-level parameters)"
+            if where == "models" and "filter_wise" in ignored else "")
+    return (f"{shown}: {names} ha{'s' if len(ignored) == 1 else 've'} no effect on "
+            f"merge_method {method} (mergekit ignores {'it' if len(ignored) == 1 else 'them'} "
+            f"too){hint}")
 
 
 def parse_config(data: object, source: str = "<config>") -> MergeConfig:
@@ -118,8 +157,11 @@ def parse_config(data: object, source: str = "<config>") -> MergeConfig:
     base = None if base is None else _path(base, "base_model", source)
     if tokenizer_source == "base" and base is None:
         raise _fail(source, "tokenizer_source: 'base' needs base_model")
+    lenient = method in IGNORES_OTHER_PARAMETERS
+    ignored_top: dict[str, list[str]] = {}
+    ignored_models: dict[str, list[str]] = {}
     params = _parameters(data.get("parameters"), "parameters", GLOBAL_PARAMETERS[method],
-                         method, source)
+                         method, source, ignored_top if lenient else None)
     entries = data.get("models")
     if not isinstance(entries, list) or not entries:
         raise _fail(source, "models: expected a non-empty list of {model: PATH} entries")
@@ -136,7 +178,7 @@ def parse_config(data: object, source: str = "<config>") -> MergeConfig:
         if any(_same(path, m) for m in models):
             raise _fail(source, f"{key}.model: {path} is listed twice")
         p = _parameters(entry.get("parameters"), f"{key}.parameters", MODEL_PARAMETERS[method],
-                        method, source)
+                        method, source, ignored_models if lenient else None)
         if method == "model_stock" and base is not None and _same(path, base):
             continue  # mergekit reads the base model once, as the base
         models.append(path)
@@ -153,10 +195,16 @@ def parse_config(data: object, source: str = "<config>") -> MergeConfig:
     if method == "model_stock":
         if base is None:
             raise _fail(source, "base_model: model_stock needs the pretrained base model")
+        if len(models) < 2:  # mergekit: "requires at least 3 inputs", the base included
+            raise _fail(source, f"models: model_stock needs at least 2 models besides "
+                                f"base_model, got {len(models)}")
         row = _scalar(params.get("filter_wise", False), "parameters.filter_wise", source, bool)
         opts = MergeOptions(method="model-stock", granularity="row" if row else "tensor",
                             **common)
-        return MergeConfig(base, models, opts, method)
+        warnings = tuple(_ignored_warning(method, where, ignored)
+                         for where, ignored in (("models", ignored_models),
+                                                ("parameters", ignored_top)) if ignored)
+        return MergeConfig(base, models, opts, method, warnings)
     if method == "linear":
         default = params.get("weight")
         default = None if default is None else _scalar(default, "parameters.weight", source,
@@ -196,25 +244,40 @@ def load_config(path: str | os.PathLike) -> MergeConfig:
 
 
 def to_mergekit_yaml(anchor: str, models: Sequence[str], options: MergeOptions) -> str:
-    """The mergekit YAML for a merge, where mergekit can express it (``model-stock`` with
-    tensor or row granularity and clamping, ``linear``); anything else raises. For ``linear``
-    the anchor is written as ``base_model`` only if it is one of the models."""
+    """The mergekit YAML for a merge, where mergekit can express it: ``model-stock`` with tensor
+    or row granularity and ``clamp=False``, or ``linear``; anything else raises, in one line.
+    For ``linear`` the anchor is written as ``base_model`` only if it is one of the models.
+
+    mergekit's ``model_stock`` has no clamp: where the task vectors disagree (cos < 0) it
+    extrapolates away from the fine-tunes (``t < 0``), so a clamped merge (our default) has no
+    mergekit equivalent. With ``clamp=False`` mergekit computes the same merge up to rounding,
+    except where the task vectors are tiny: mergekit divides by ``max(|d_i||d_j|, 1e-6)``, so a
+    pair whose norm product is below 1e-6 gets a smaller ``|cos|`` (and ``t``) there than here.
+    Without an output dtype (``options.dtype``) mergekit computes in the inputs' dtype (we in
+    float32); with one, ``dtype: float32`` is written so that it computes as we do.
+    ``load_config`` reads the YAML back with our default ``clamp=True``."""
     import yaml
 
     if options.method not in ("model-stock", "linear"):
         raise ModelStockError(f"mergekit YAML cannot express method {options.method}")
     default = MergeOptions(method=options.method, weights=options.weights)
-    unexpressed = [f.name for f in dataclasses.fields(MergeOptions)
-                   if f.name not in ("method", "weights", "normalize", "dtype", "compute_dtype",
-                                     "chunk_numel", "device", "allow_nonfinite")
-                   and getattr(options, f.name) != getattr(default, f.name)]
+    skip = {"method", "weights", "normalize", "dtype", "compute_dtype", "clamp",
+            *EXECUTION_FIELDS}
+    names = [f.name for f in dataclasses.fields(MergeOptions)]
+    unexpressed = [n for n in names if n not in skip
+                   and getattr(options, n) != getattr(default, n)]
     if options.granularity == "row":
         unexpressed.remove("granularity")  # filter_wise
     if options.compute_dtype is not None and options.dtype is None:
         unexpressed.append("compute_dtype without dtype")
+    clamped = options.method == "model-stock" and options.clamp
+    if clamped:
+        unexpressed.append("clamp")
     if unexpressed:
+        why = (": mergekit's model_stock has no clamp (where cos < 0 it extrapolates, t < 0); "
+               "the merge it computes is clamp=False (--no-clamp)" if clamped else "")
         raise ModelStockError(f"mergekit YAML cannot express {', '.join(unexpressed)} "
-                              f"(method {options.method})")
+                              f"(method {options.method}){why}")
     doc: dict = {"merge_method": options.method.replace("-", "_")}
     if options.method == "linear":
         if any(_same(anchor, m) for m in models):  # else mergekit would merge it in too
@@ -228,6 +291,11 @@ def to_mergekit_yaml(anchor: str, models: Sequence[str], options: MergeOptions) 
         doc["parameters"] = {"filter_wise": options.granularity == "row"}
     if options.compute_dtype is not None:
         doc["dtype"] = str(options.compute_dtype).removeprefix("torch.")
+    elif options.dtype is not None:
+        # mergekit computes in `dtype` (without it, in the inputs' dtype: bfloat16 arithmetic
+        # for bfloat16 models); we compute in float32. Without out_dtype, `dtype` would also
+        # be its output dtype, so this is written only beside out_dtype.
+        doc["dtype"] = "float32"
     if options.dtype is not None:
         doc["out_dtype"] = str(options.dtype).removeprefix("torch.")
     return yaml.safe_dump(doc, sort_keys=False)
