@@ -2,7 +2,7 @@
 
 Writes a synthetic transformer-shaped model (anchor + N fine-tunes, safetensors) to a temporary
 directory, then times, alternately and ``--repeat`` times each: a full merge to disk, a merge's
-Gram pass alone (plan, then `Merger.layer_gram` + `ratio` per anchored layer), and `inspect`.
+Gram pass alone (plan, then `Merger.coefficients` per Model Stock tensor), and `inspect`.
 Prints the median and the minimum of wall time and of process CPU time (steadier on a shared
 machine), and their ratios against the baselines measured in the same run.
 
@@ -22,8 +22,10 @@ import torch
 from safetensors.torch import save_file
 
 from modelstock import merge_checkpoints, open_checkpoint
-from modelstock.engine import MergeOptions, Merger, plan_merge
+from modelstock.engine import Merger
 from modelstock.geometry import inspect_checkpoints
+from modelstock.plan import plan_merge
+from modelstock.recipe import Execution, Recipe
 
 
 def synthetic(blocks: int, width: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -43,13 +45,11 @@ def gram_pass(anchor: str, models: list[str]) -> None:
     """What a merge does before writing: plan, then the Gram statistics and t of every layer."""
     readers = [open_checkpoint(p) for p in [anchor, *models]]
     try:
-        opts = MergeOptions()
-        plan = plan_merge(readers[0], readers[1:], opts)
-        merger = Merger(readers[0], readers[1:], opts, sink=None)
+        plan = plan_merge(readers[0], readers[1:], Recipe())
+        merger = Merger(readers[0], readers[1:], Recipe(), Execution(), sink=None)
         for p in plan.layers:
-            if p.anchored:
-                g, _ = merger.layer_gram(p, keep=False)
-                merger.ratio(p, g)
+            if p.rule.has_stats:
+                merger.coefficients(p)
     finally:
         for r in readers:
             r.close()

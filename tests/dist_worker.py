@@ -1,7 +1,8 @@
 """One rank of the distributed tests (started by tests/test_training_distributed.py).
 
 Trains a tiny model for a few steps (each replica on its own data and learning rate, so that the
-replicas' task vectors differ in direction and norm), saves its weights before and after one
+replicas' task vectors differ in direction and norm; ``--frozen R`` keeps replica R's weights
+at the anchor, with BatchNorm statistics still moving), saves its weights before and after one
 `DistributedModelStock.merge`, and the merge report. Then, with ``--then die`` or ``--then hang``,
 the last rank leaves (exits, or never reaches the next merge) and the others try a second merge,
 which must fail with a clear error: they write it to ``error<rank>.txt``.
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--granularity", default="tensor")
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--anchor-dtype", default=None, help="e.g. bfloat16")
+    ap.add_argument("--frozen", type=int, default=-1, help="a replica that does not train")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -49,7 +51,8 @@ def main() -> None:
     if a.per_replica > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, process_group=replica_group(a.per_replica))
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01 * (1 + replica))
+    lr = 0.0 if replica == a.frozen else 0.01 * (1 + replica)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(1000 * replica + local)
     for _ in range(4):
         x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)

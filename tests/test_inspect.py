@@ -112,12 +112,10 @@ def test_planted_angles_norms_and_t(files) -> None:
             continue
         assert g.layer.angle_deg == pytest.approx(angle, abs=1e-3), name
         assert g.pair_angles == pytest.approx([angle], abs=1e-3)
-        if name == "bn.running_mean":  # averaged by a merge: measured, but no ratio
-            assert g.layer.rule == "average" and g.layer.t is None
-        else:
-            assert g.layer.rule == "model_stock"
-            assert g.layer.t == pytest.approx(stock_t(math.cos(math.radians(angle)), 2),
-                                              abs=1e-6)
+        # bn.running_mean has no bn.weight to follow: merged (and measured) by its own angle
+        assert g.layer.rule == "model_stock"
+        assert g.layer.t == pytest.approx(stock_t(math.cos(math.radians(angle)), 2), abs=1e-6)
+    assert "without a layer weight" in rows["bn.running_mean"].layer.note
     assert rows["encoder.layer.1.attention.query.weight"].layer.t == 0.0  # cos < 0: clamped
     assert rows[HEAD].layer.rule == "skipped" and rows[HEAD].layer.shape == [4, 16]
     assert rows[NEW].layer.rule == "average" and not rows[NEW].in_anchor

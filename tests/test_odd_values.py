@@ -231,8 +231,8 @@ def test_allow_nonfinite_in_averaged_tensor() -> None:
     models = [{"bn.running_var": torch.tensor([1.0, float("inf"), 2.0, 3.0])},
               {"bn.running_var": torch.ones(4)}]
     with pytest.raises(ModelStockError, match="running_var"):
-        merge_state_dicts(anchor, models)
-    out, _ = merge_state_dicts(anchor, models, allow_nonfinite=True)
+        merge_state_dicts(anchor, models, buffers="average")
+    out, _ = merge_state_dicts(anchor, models, allow_nonfinite=True, buffers="average")
     assert torch.equal(out["bn.running_var"], torch.tensor([1.0, float("inf"), 1.5, 2.0]))
 
 

@@ -1,4 +1,5 @@
-"""The per-tensor rules of DESIGN §1: which tensors are Model-Stocked, averaged, copied or kept."""
+"""The per-tensor rules (README, "What a merge does"; docs/design.md §1): which tensors are
+Model-Stocked, averaged, copied or kept."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ def by_name(report):
     return {layer.name: layer for layer in report.layers}
 
 
-def test_batchnorm_statistics_are_averaged_and_integers_copied() -> None:
+def test_batchnorm_statistics_averaged_on_request_and_integers_copied() -> None:
     sds = make_finetunes({"bn.weight": (6,), "bn.running_mean": (6,), "bn.running_var": (6,)})
     for i, sd in enumerate(sds):
         sd["bn.num_batches_tracked"] = torch.tensor(100 + 10 * i)
-    out, report = merge_state_dicts(sds[0], sds[1:])
+    out, report = merge_state_dicts(sds[0], sds[1:], buffers="average")
     rules = {k: v.rule for k, v in by_name(report).items()}
     assert rules == {"bn.weight": "model_stock", "bn.running_mean": "average",
                      "bn.running_var": "average", "bn.num_batches_tracked": "copy"}

@@ -10,7 +10,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from modelstock import merge_state_dicts, model_stock, stock
+from modelstock import _blocks, merge_state_dicts, model_stock, stock
 from modelstock.stock import stock_ratio
 
 
@@ -212,10 +212,10 @@ def test_chunk_stats_equals_unblocked_math() -> None:
     w0 = torch.randn(300_001, generator=g).bfloat16()
     ws = [(w0.float() + 0.01 * torch.randn(300_001, generator=g)).bfloat16() for _ in range(3)]
     total = torch.empty(300_001)
-    blocked = stock.chunk_stats(w0, ws, torch.float32, total=total)
+    blocked = _blocks.chunk_stats(w0, ws, torch.float32, total=total)
     d = stock.task_vectors(w0, ws)
     torch.testing.assert_close(blocked, stock.gram(d), rtol=1e-13, atol=0)
-    assert torch.equal(total, stock.sum_models(d))
+    assert torch.equal(total, _blocks.sum_models(d))
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -234,12 +234,13 @@ def test_row_granularity_matches_per_row_reference(n: int) -> None:
 def test_all_finite_covers_float8(dtype: torch.dtype) -> None:
     """torch.isfinite raises on float8; the shared check must answer for every float dtype."""
     ok = torch.tensor([0.5, -1.0, 2.0]).to(dtype)
-    assert stock.all_finite(ok)
+    assert _blocks.all_finite(ok)
     bad = torch.tensor([0.5, float("nan"), 2.0]).to(dtype)
-    assert not stock.all_finite(bad)
+    assert not _blocks.all_finite(bad)
 
 
 def test_block_step_holds_whole_rows() -> None:
-    assert stock.block_step(None) == stock.BLOCK_NUMEL
-    assert stock.block_step(1000) % 1000 == 0 and stock.block_step(1000) <= stock.BLOCK_NUMEL
-    assert stock.block_step(stock.BLOCK_NUMEL * 3) == stock.BLOCK_NUMEL * 3  # at least one row
+    assert _blocks.block_step(None) == _blocks.BLOCK_NUMEL
+    assert _blocks.block_step(1000) % 1000 == 0 and _blocks.block_step(1000) <= _blocks.BLOCK_NUMEL
+    big = _blocks.BLOCK_NUMEL * 3
+    assert _blocks.block_step(big) == big  # at least one row

@@ -56,7 +56,7 @@ def test_merge_equals_post_hoc_merge(n, granularity):
     assert [x.t for x in report.layers] == [x.t for x in expected_report.layers]
     assert [x.rule for x in report.layers] == [x.rule for x in expected_report.layers]
     rules = {x.name: x.rule for x in report.layers}
-    assert rules["1.running_mean"] == "average" and rules["1.num_batches_tracked"] == "copy"
+    assert rules["1.running_mean"] == "follow" and rules["1.num_batches_tracked"] == "follow"
     assert rules["0.weight"] == "model_stock"
     # the merge really moved the weights (it is not the identity on diverged models)
     assert not torch.equal(before[0]["0.weight"], models[0].state_dict()["0.weight"])
@@ -203,3 +203,32 @@ def test_bad_arguments_are_user_errors():
         PeriodicModelStock(two, base, granularity="layer")
     with pytest.raises(ModelStockError, match="lack"):
         PeriodicModelStock(two, {**base.state_dict(), "head.weight": torch.zeros(2)})
+
+
+def test_a_rounded_anchor_biasing_small_task_vectors_is_warned_about():
+    """float32 models whose task vectors are ~1e-5 per element: a bfloat16 anchor's rounding
+    error (~1e-3) is the same in every task vector and drags cos towards 1."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(4096, generator=g)
+    shared = torch.randn(4096, generator=g)
+    base = torch.nn.Linear(4096, 1, bias=False)
+    models = [copy.deepcopy(base) for _ in range(2)]
+    with torch.no_grad():
+        base.weight.copy_(w0)
+        for m in models:
+            m.weight.copy_(w0 + 1e-5 * (0.6 * shared + torch.randn(4096, generator=g)))
+    before = [snapshot(m) for m in models]
+    _, exact = merge_state_dicts(base, before)
+    exact_cos = exact.layers[0].cos
+    assert 0.2 < exact_cos < 0.4
+    with pytest.warns(RuntimeWarning, match="rounding"):
+        report = PeriodicModelStock([copy.deepcopy(m) for m in models], base,
+                                    anchor_dtype=torch.bfloat16).merge()
+    assert report.layers[0].cos > 0.8  # the bias itself
+    message = next(w for w in report.warnings if "rounding" in w)
+    assert "worst weight: 100% of" in message and "anchor_dtype=None" in message
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = PeriodicModelStock(models, base).merge()  # an exact anchor: no warning
+    assert report.layers[0].cos == pytest.approx(exact_cos, abs=1e-9)

@@ -1,5 +1,6 @@
-"""Model Stock across processes (gloo): equals the in-process merge, follows the documented
-norm-weighted rule for N > 2, and fails with a clear error when a replica dies or hangs."""
+"""Model Stock across processes (gloo): equals the post-hoc merge for every N (the paper's mean
+of pairwise cosines, also with a replica that did not move), and fails with a clear error when a
+replica dies or hangs."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from modelstock import ModelStockError, merge_state_dicts, stock
-from modelstock.training.distributed import DistributedModelStock, norm_weighted_cos
+from modelstock.training.distributed import DistributedModelStock
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -85,6 +85,7 @@ def test_two_replicas_merge_like_in_process_and_a_hung_replica_times_out(
             assert mine["t"] == pytest.approx(ref.t, abs=1e-6)
             assert mine.get("t_min") == (None if ref.t_min is None
                                          else pytest.approx(ref.t_min, abs=1e-6))
+        if ref.cos is not None:
             assert mine["cos"] == pytest.approx(ref.cos, abs=1e-6)
     for r in range(world - 1):
         seconds, message = (tmp_path / f"error{r}.txt").read_text().split("\n", 1)
@@ -92,63 +93,71 @@ def test_two_replicas_merge_like_in_process_and_a_hung_replica_times_out(
         assert "no weight was changed" in message
 
 
-def reference_norm_weighted(w0: torch.Tensor, ws: list[torch.Tensor]) -> np.ndarray:
-    """The documented N > 2 rule from pairwise float64 dot products (not from the sums)."""
-    w0 = w0.double().numpy().ravel()
-    ds = [w.double().numpy().ravel() - w0 for w in ws]
-    dots = sum(ds[i] @ ds[j] for i in range(len(ds)) for j in range(i + 1, len(ds)))
-    weights = sum(np.linalg.norm(ds[i]) * np.linalg.norm(ds[j])
-                  for i in range(len(ds)) for j in range(i + 1, len(ds)))
-    cos = dots / weights if weights > 0 else 0.0
-    n = len(ds)
-    t = min(max(n * cos / (1 + (n - 1) * cos), 0.0), 1.0)
-    return w0 + t * np.mean(ds, axis=0)
-
-
-def test_three_replicas_use_the_norm_weighted_cosine_and_a_dead_one_is_reported(tmp_path):
-    runs = launch(tmp_path, 3, then="die", timeout=60)
-    assert [r.returncode for r in runs] == [0, 0, 3], [r.stdout for r in runs]
-    pre = [load(tmp_path, "pre", r) for r in range(3)]
-    post = [load(tmp_path, "post", r) for r in range(3)]
-    base = tiny_net().state_dict()
+def assert_equals_post_hoc(tmp_path: Path, world: int, granularity: str = "tensor") -> dict:
+    """Every rank's merged weights equal `merge_state_dicts` of the replicas' weights, and the
+    report's cos and t equal the post-hoc report's; returns rank 0's report."""
+    pre = [load(tmp_path, "pre", r) for r in range(world)]
+    post = [load(tmp_path, "post", r) for r in range(world)]
+    expected, rep = merge_state_dicts(tiny_net().state_dict(), pre, granularity=granularity)
+    for r in range(world):
+        for k, v in expected.items():
+            torch.testing.assert_close(post[r][k], v, rtol=1e-5, atol=1e-6, msg=k)
+            assert torch.equal(post[r][k], post[0][k]), k
     report = json.loads((tmp_path / "report0.json").read_text())
-    rules = {x["name"]: x for x in report["layers"]}
-    weighted_differs = False
-    for k, w0 in base.items():
-        if rules[k]["rule"] != "model_stock":
-            continue
-        want = reference_norm_weighted(w0, [p[k] for p in pre])
-        for r in range(3):
-            np.testing.assert_allclose(post[r][k].double().numpy().ravel(), want,
-                                       rtol=1e-5, atol=1e-6, err_msg=k)
-        # the data make the rule matter: norms differ, so it is not the plain mean cosine
-        plain = float(stock.mean_pairwise_cos(stock.gram(stock.task_vectors(
-            w0.reshape(-1), [p[k].reshape(-1) for p in pre]))))
-        weighted_differs |= abs(plain - rules[k]["cos"]) > 1e-3
-    assert weighted_differs
-    assert any("norm-weighted" in w for w in report["warnings"])
-    bn = (pre[0]["1.running_mean"] + pre[1]["1.running_mean"] + pre[2]["1.running_mean"]) / 3
-    torch.testing.assert_close(post[0]["1.running_mean"], bn)
+    for mine, ref in zip(report["layers"], rep.layers, strict=True):
+        assert mine["rule"] == ref.rule, ref.name
+        if ref.t is not None:
+            assert mine["t"] == pytest.approx(ref.t, abs=1e-5), ref.name
+        if ref.cos is not None and ref.rule == "model_stock" and granularity == "tensor":
+            assert mine["cos"] == pytest.approx(ref.cos, abs=1e-5), ref.name
+    return report
+
+
+def test_three_replicas_with_a_frozen_one_equal_post_hoc_and_a_dead_one_is_reported(tmp_path):
+    """Replica 2 does not train: its task vectors are zero, so each pair with it has cos 0 and
+    the mean of the three pairwise cosines is a third of the other pair's (a norm-weighted
+    mean would give the other pair's cosine)."""
+    runs = launch(tmp_path, 3, then="die", timeout=60, frozen=2)
+    assert [r.returncode for r in runs] == [0, 0, 3], [r.stdout for r in runs]
+    report = assert_equals_post_hoc(tmp_path, 3)
+    pre = [load(tmp_path, "pre", r) for r in range(3)]
+    base = tiny_net().state_dict()
+    layer = next(x for x in report["layers"] if x["name"] == "0.weight")
+    d = stock.task_vectors(base["0.weight"].reshape(-1), [p["0.weight"].reshape(-1)
+                                                         for p in pre[:2]], torch.float64)
+    pair = float(stock.mean_pairwise_cos(stock.gram(d)))
+    assert layer["norms"][2] == 0 and pair > 0.05
+    assert layer["cos"] == pytest.approx(pair / 3, abs=1e-6)
     for r in range(2):
         message = (tmp_path / f"error{r}.txt").read_text()
         assert "merge #2" in message and "failed" in message
 
 
-def test_norm_weighted_cos_is_the_paper_cosine_for_two_and_equal_norms():
+@pytest.mark.slow
+def test_four_replicas_equal_post_hoc(tmp_path):
+    runs = launch(tmp_path, 4, then="stop", timeout=60, frozen=3)
+    assert all(r.returncode == 0 for r in runs), [r.stdout for r in runs]
+    assert_equals_post_hoc(tmp_path, 4)
+
+
+def test_four_replicas_per_row_equal_post_hoc(tmp_path):
+    runs = launch(tmp_path, 4, then="stop", timeout=60, granularity="row")
+    assert all(r.returncode == 0 for r in runs), [r.stdout for r in runs]
+    assert_equals_post_hoc(tmp_path, 4, "row")
+
+
+def test_mean_cos_from_units_is_the_mean_of_pairwise_cosines():
     g = torch.Generator().manual_seed(0)
-    d = torch.randn(2, 50, generator=g, dtype=torch.float64)
-    d[1] = 0.6 * d[0] + d[1]
-    total = (d.sum(0) ** 2).sum()
-    exact = stock.mean_pairwise_cos(stock.gram(d))
-    assert float(norm_weighted_cos(total, (d**2).sum(1))) == pytest.approx(float(exact), 1e-12)
-    # N = 3 with equal norms: the weighted mean is the plain mean of the pairwise cosines
-    d = torch.randn(3, 40, generator=g, dtype=torch.float64)
-    d = d / d.norm(dim=1, keepdim=True) * 2.5
-    got = norm_weighted_cos((d.sum(0) ** 2).sum(), (d**2).sum(1))
-    assert float(got) == pytest.approx(float(stock.mean_pairwise_cos(stock.gram(d))), 1e-12)
-    # per-row statistics ([N, R]) and zero vectors: no NaN, cos 0 when no pair is nonzero
-    assert torch.equal(norm_weighted_cos(torch.zeros(4), torch.zeros(3, 4)),
-                       torch.zeros(4, dtype=torch.float64))
+    for n in (2, 3, 5):
+        d = torch.randn(n, 60, generator=g, dtype=torch.float64)
+        d[1] = 0.6 * d[0] + d[1]
+        d[1] *= 7.0  # unequal norms: a norm-weighted mean would differ
+        d[-1] = 0.0 if n > 2 else d[-1]  # a zero task vector counts as cos 0
+        norms = d.norm(dim=1, keepdim=True)
+        u = torch.where(norms > 0, d / torch.where(norms > 0, norms, 1.0), 0.0)
+        got = stock.mean_cos_from_units((u.sum(0) ** 2).sum(), int((norms > 0).sum()), n)
+        assert float(got) == pytest.approx(float(stock.mean_pairwise_cos(stock.gram(d))),
+                                           abs=1e-12)
 
 
 def test_distributed_needs_an_initialized_process_group():

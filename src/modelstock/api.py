@@ -12,7 +12,7 @@ import torch
 
 from . import __version__
 from .checkpoint import Reader, open_checkpoint
-from .engine import DictSink, MergeOptions, merge_readers
+from .engine import DictSink, merge_readers
 from .output import (
     REPORT_NAME,
     SafetensorsSink,
@@ -21,33 +21,42 @@ from .output import (
     copy_anchor_files,
     model_card,
 )
+from .recipe import MergeOptions, Recipe
 from .report import MergeReport
+from .ties import align_ties
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
-def _options(options: MergeOptions | None, kwargs: dict) -> MergeOptions:
+def _options(options: Recipe | None, kwargs: dict) -> MergeOptions:
+    """Options from a `MergeOptions`, a `Recipe` (run with the default `Execution`) or
+    keywords."""
     if options is not None and kwargs:
-        raise TypeError("pass either a MergeOptions or keyword options, not both")
-    return options if options is not None else MergeOptions(**kwargs)
+        raise TypeError("pass either options or keyword options, not both")
+    if options is None:
+        return MergeOptions(**kwargs)
+    return options if isinstance(options, MergeOptions) else MergeOptions.of(options)
 
 
 def _open_all(anchor: Source, models: Sequence[Source], trust_pickle: bool,
-              strip_prefix: str | None) -> tuple[Reader, list[Reader]]:
+              strip_prefix: str | None) -> tuple[Reader, list[Reader], list[str]]:
+    """Open every input; the fine-tunes are presented with the anchor's tied embeddings
+    (`ties.align_ties`), whose decisions come back as warnings for the report."""
     opened: list[Reader] = []
     try:
         for src in [anchor, *models]:
             opened.append(open_checkpoint(src, trust_pickle, strip_prefix))
+        aligned, notes = align_ties(opened[0], opened[1:], [anchor, *models])
     except BaseException:
         for r in opened:
             r.close()
         raise
-    return opened[0], opened[1:]
+    return opened[0], aligned, notes
 
 
 def merge_state_dicts(anchor: Source, models: Sequence[Source],
-                      options: MergeOptions | None = None, *, trust_pickle: bool = False,
+                      options: Recipe | None = None, *, trust_pickle: bool = False,
                       strip_prefix: str | None = None, progress: bool = False,
                       **kwargs) -> tuple[dict[str, torch.Tensor], MergeReport]:
     """Merge in memory; returns the merged state dict and the per-layer report.
@@ -56,10 +65,11 @@ def merge_state_dicts(anchor: Source, models: Sequence[Source],
     Keyword options are those of `MergeOptions` (method, granularity, clamp, alpha, ...).
     """
     opts = _options(options, kwargs)
-    a, ms = _open_all(anchor, models, trust_pickle, strip_prefix)
+    a, ms, notes = _open_all(anchor, models, trust_pickle, strip_prefix)
     try:
-        sink, report = merge_readers(a, ms, opts, lambda plan: DictSink(plan.layers, opts.device),
-                                     progress)
+        sink, report = merge_readers(a, ms, opts.recipe, opts.execution,
+                                     lambda plan: DictSink(plan.layers, opts.device), progress,
+                                     notes)
     finally:
         for r in [a, *ms]:
             r.close()
@@ -67,7 +77,7 @@ def merge_state_dicts(anchor: Source, models: Sequence[Source],
 
 
 def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.PathLike,
-                      options: MergeOptions | None = None, *,
+                      options: Recipe | None = None, *,
                       shard_size: int | None = DEFAULT_SHARD_BYTES, force: bool = False,
                       trust_pickle: bool = False, strip_prefix: str | None = None,
                       progress: bool = False, direct_io: bool = True,
@@ -87,17 +97,10 @@ def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.Pa
     opts = _options(options, kwargs)
     out = Path(out)
     check_output_path(out, [anchor, *models], force)
-    a, ms = _open_all(anchor, models, trust_pickle, strip_prefix)
+    a, ms, notes = _open_all(anchor, models, trust_pickle, strip_prefix)
     names = [a.path, *(m.path for m in ms)]
-    recipe = {"method": opts.method, "granularity": opts.granularity, "clamp": opts.clamp,
-              "alpha": opts.alpha, "average": list(opts.average),
-              **({} if opts.weights is None else {"weights": list(opts.weights),
-                                                  "normalize": opts.normalize}),
-              **({} if opts.compute_dtype is None
-                 else {"compute_dtype": str(opts.compute_dtype).removeprefix("torch.")}),
-              "keep_anchor": list(opts.keep_anchor),
-              "dtype": None if opts.dtype is None else str(opts.dtype).removeprefix("torch."),
-              "anchor": names[0], "models": names[1:], "modelstock_version": __version__}
+    recipe = {**opts.recipe.to_dict(), "anchor": names[0], "models": names[1:],
+              "modelstock_version": __version__}
     metadata = {"format": "pt", "modelstock": json.dumps(recipe)}
     start = time.perf_counter()
     try:
@@ -112,7 +115,8 @@ def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.Pa
                 return sink
 
             try:
-                _, report = merge_readers(a, ms, opts, make_sink, progress)
+                _, report = merge_readers(a, ms, opts.recipe, opts.execution, make_sink,
+                                          progress, notes)
                 sink.close()
             except BaseException:
                 if sink is not None:

@@ -16,8 +16,8 @@ import torch
 
 from . import __version__
 from .api import DEFAULT_SHARD_BYTES, merge_checkpoints
-from .engine import DEFAULT_CHUNK_NUMEL, GRANULARITIES, METHODS, MergeOptions
 from .errors import ModelStockError, Terminated
+from .recipe import BUFFER_POLICIES, DEFAULT_CHUNK_NUMEL, GRANULARITIES, METHODS, MergeOptions
 
 DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -217,6 +217,10 @@ RECIPE_FLAGS = ("method", "alpha", "weights", "granularity", "dtype", "score")
               help="Average (not Model-Stock) tensors whose name matches GLOB. Repeatable.")
 @click.option("--keep-anchor", "keep_anchor", multiple=True, metavar="GLOB",
               help="Keep the anchor's value for tensors matching GLOB. Repeatable.")
+@click.option("--buffers", type=click.Choice(BUFFER_POLICIES), default="follow",
+              show_default=True,
+              help="BatchNorm running statistics: follow the ratio of their own layer (its t, "
+                   "or --alpha), keep the anchor's, or average the fine-tunes'.")
 @click.option("--dtype", callback=_dtype, default=None,
               help="Output dtype for floating tensors (default: the anchor's), e.g. bfloat16.")
 @click.option("--shard-size", type=SizeType(), default=str(DEFAULT_SHARD_BYTES),
@@ -243,7 +247,7 @@ RECIPE_FLAGS = ("method", "alpha", "weights", "granularity", "dtype", "score")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.pass_context
 def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granularity,
-          no_clamp, average, keep_anchor, dtype, shard_size, chunk_size, strip_prefix,
+          no_clamp, average, keep_anchor, buffers, dtype, shard_size, chunk_size, strip_prefix,
           trust_pickle, allow_nonfinite, device, threads, force, buffered_writes, quiet):
     """Merge fine-tuned MODELs with their pretrained ANCHOR into OUT.
 
@@ -288,20 +292,23 @@ def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granu
             cfg = load_config(config)
             anchor, models = cfg.anchor, cfg.models
             opts = dataclasses.replace(cfg.options, clamp=not no_clamp, average=average,
-                                       keep_anchor=keep_anchor, **engine)
-            report = merge_checkpoints(anchor, models, out, opts, **io_kw)
+                                       keep_anchor=keep_anchor, buffers=buffers, **engine)
+            report = merge_checkpoints(anchor, models, out, opts, annotate=cfg.annotate,
+                                       **io_kw)
         elif method == "greedy":
             from .soups import greedy_soup_checkpoints, load_score
 
             report = greedy_soup_checkpoints(anchor, models, out, load_score(score),
                                              alpha=alpha,
                                              clamp=not no_clamp, average=average,
-                                             keep_anchor=keep_anchor, dtype=dtype, **engine,
+                                             keep_anchor=keep_anchor, buffers=buffers,
+                                             dtype=dtype, **engine,
                                              **io_kw)
         else:
             opts = MergeOptions(method=method, granularity=granularity, clamp=not no_clamp,
                                 alpha=alpha, weights=weights, average=average,
-                                keep_anchor=keep_anchor, dtype=dtype, **engine)
+                                keep_anchor=keep_anchor, buffers=buffers, dtype=dtype,
+                                **engine)
             report = merge_checkpoints(anchor, models, out, opts, **io_kw)
         if not quiet:
             click.echo(report.summary() + f"\nwritten      {out}", err=True)

@@ -14,27 +14,20 @@ import fnmatch
 import math
 import re
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from .api import Source, _open_all
 from .checkpoint import Reader
-from .engine import (
-    DEFAULT_CHUNK_NUMEL,
-    LayerPlan,
-    MergeOptions,
-    Merger,
-    chunk_ranges,
-    plan_merge,
-    worker_pool,
-)
+from .engine import Merger, chunk_ranges, progress_bar, worker_pool
 from .errors import ModelStockError
+from .plan import LayerPlan, plan_merge
+from .recipe import DEFAULT_CHUNK_NUMEL, MergeOptions, Recipe
 from .report import LayerReport, MergeReport
+from .rules import Follow, Mean, ModelStock
 
 KINDS = ("weight", "bias", "norm", "embedding", "head", "other")
 KIND_LABELS = {"weight": "weight matrices", "bias": "biases", "norm": "normalisation",
@@ -276,15 +269,6 @@ def find_problems(layers: Sequence[LayerGeometry], n_models: int) -> list[Findin
     return found
 
 
-class _Only:
-    """A reader's tensor list cut down to some names, so that the merge planner can judge one
-    tensor at a time (and inspection can report, rather than abort on, what a merge refuses)."""
-
-    def __init__(self, inner: Reader, names: Sequence[str]) -> None:
-        self.path = inner.path
-        self.infos = {k: inner.infos[k] for k in names if k in inner.infos}
-
-
 def _natural(name: str) -> list:
     return [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"(\d+)", name)]
 
@@ -296,7 +280,7 @@ def layer_order(names: Sequence[str]) -> list[str]:
     return sorted(names, key=_natural) if names == sorted(names) else names
 
 
-def _plan_each(anchor: Reader, models: Sequence[Reader], opts: MergeOptions
+def _plan_each(anchor: Reader, models: Sequence[Reader], recipe: Recipe
                ) -> list[LayerPlan | LayerReport]:
     """The merge plan, tensor by tensor: a `LayerPlan`, or a ``skipped`` report saying why."""
     extra = dict.fromkeys(k for m in models for k in m.infos if k not in anchor.infos)
@@ -304,8 +288,7 @@ def _plan_each(anchor: Reader, models: Sequence[Reader], opts: MergeOptions
     out: list[LayerPlan | LayerReport] = []
     for name in names:
         try:
-            plan = plan_merge(_Only(anchor, [name]), [_Only(m, [name]) for m in models], opts)
-            out.append(plan.layers[0])
+            out.append(plan_merge(anchor, models, recipe, only=[name]).layers[0])
         except ModelStockError as e:
             ref = next(r.infos[name] for r in [*models, anchor] if name in r.infos)
             shapes = {r.infos[name].shape for r in models if name in r.infos}
@@ -330,7 +313,7 @@ def _anchor_norm(anchor: Reader, p: LayerPlan, chunk_numel: int) -> float:
 
 def inspect_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions | None = None,
                     head: Sequence[str] = (), progress: bool = False) -> Inspection:
-    """Measure every layer of ``models`` against ``anchor`` with a merge's Gram pass."""
+    """Measure every layer of ``models`` against ``anchor`` with a merge's statistics pass."""
     opts = opts or MergeOptions()
     if opts.method != "model-stock" or opts.granularity != "tensor":
         raise ModelStockError("inspect measures the paper's rule: method model-stock, "
@@ -338,43 +321,49 @@ def inspect_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions
     if len(models) < 2:
         raise ModelStockError(f"inspect needs at least 2 fine-tuned models, got {len(models)}")
     start = time.perf_counter()
-    entries = _plan_each(anchor, models, opts)
+    entries = _plan_each(anchor, models, opts.recipe)
+    plans = {p.name: p for p in entries if isinstance(p, LayerPlan)}
 
-    def measurable(p) -> bool:  # anchored, or a floating tensor the anchor has (BatchNorm stats)
-        return isinstance(p, LayerPlan) and (p.anchored or (p.rule == "average"
-                                                            and p.name in anchor.infos))
+    def measurable(p) -> bool:  # Model Stock, or a floating tensor the anchor has (BN stats)
+        return isinstance(p, LayerPlan) and p.name in anchor.infos \
+            and p.out_dtype.is_floating_point and (
+            isinstance(p.rule, ModelStock | Follow)
+            or (isinstance(p.rule, Mean) and p.rule.weights is None))
 
     total = sum(p.numel for p in entries if measurable(p))
     kinds = layer_kinds({p.name: tuple(p.shape) for p in entries}, head)
     layers: list[LayerGeometry] = []
-    with worker_pool(opts) as pool, \
-            tqdm(total=total, disable=None if progress else True, unit="param",
-                 unit_scale=True, file=sys.stderr, desc="inspecting", dynamic_ncols=True) as bar:
-        merger = Merger(anchor, models, opts, sink=None, progress=bar.update, pool=pool)
+    with worker_pool(opts.execution) as pool, \
+            progress_bar(total, progress, "inspecting") as bar:
+        merger = Merger(anchor, models, opts.recipe, opts.execution, sink=None,
+                        progress=bar.update, pool=pool)
         for p in entries:
             if isinstance(p, LayerReport):
                 layers.append(LayerGeometry(p, kinds[p.name], in_anchor=p.name in anchor.infos))
                 continue
-            dtype = str(p.out_dtype).removeprefix("torch.")
             if not measurable(p):
-                layers.append(LayerGeometry(LayerReport(p.name, list(p.shape), p.rule, dtype,
-                                                        note=p.note), kinds[p.name],
-                                            in_anchor=p.name in anchor.infos))
+                layers.append(LayerGeometry(merger.describe(p, None, note=p.note),
+                                            kinds[p.name], in_anchor=p.name in anchor.infos))
                 continue
             try:
-                g, _ = merger.layer_gram(p, keep=False, count=True)
+                if isinstance(p.rule, ModelStock):
+                    t = merger.coefficients(p, count=True)
+                    g = merger.known_gram(p)
+                else:
+                    g, _ = merger.layer_gram(p, keep=False, count=True)
+                    owner = plans.get(getattr(p.rule, "owner", None))
+                    t = merger.coefficients(owner) if owner is not None and owner.anchored \
+                        else None
             except ModelStockError as e:
-                layers.append(LayerGeometry(LayerReport(p.name, list(p.shape), "skipped", dtype,
+                layers.append(LayerGeometry(LayerReport(p.name, list(p.shape), "skipped",
+                                                        str(p.out_dtype).removeprefix("torch."),
                                                         note=str(e)), kinds[p.name]))
                 continue
             norm = _anchor_norm(anchor, p, opts.chunk_numel)
             for r in [anchor, *models]:
                 r.release(p.name)
-            if p.anchored:
-                _, rep = merger.ratio(p, g)
-            else:
-                rep = merger.describe(p, g)
-                rep.note = "; ".join(x for x in (p.note, rep.note) if x)
+            note = p.rule.note(g, len(models)) if isinstance(p.rule, ModelStock) else None
+            rep = merger.describe(p, g, t, note="; ".join(x for x in (p.note, note) if x) or None)
             layers.append(LayerGeometry(rep, kinds[p.name], norm))
     return Inspection(anchor.path, [m.path for m in models], layers,
                       find_problems(layers, len(models)), opts.clamp,
@@ -390,7 +379,7 @@ def inspect_checkpoints(anchor: Source, models: Sequence[Source], *, clamp: bool
     (memory-mapped, chunk by chunk) and writes nothing.
     """
     opts = MergeOptions(clamp=clamp, chunk_numel=chunk_numel, device=device)
-    a, ms = _open_all(anchor, models, trust_pickle, strip_prefix)
+    a, ms, _ = _open_all(anchor, models, trust_pickle, strip_prefix)
     try:
         return inspect_readers(a, ms, opts, head, progress)
     finally:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .engine import LayerPlan
+from .plan import LayerPlan
 from .errors import ModelStockError, Terminated
 from .safetensors_io import DTYPE_NAMES, SafetensorsWriter
 
@@ -46,6 +46,9 @@ def plan_shards(layers: Sequence[LayerPlan], max_bytes: int) -> list[list[LayerP
         shards[-1].append(p)
         size += nbytes
     return shards
+
+
+WRITER_DEPTH = 2  # chunks queued for the background writer
 
 
 class BackgroundWriter:
@@ -113,7 +116,11 @@ class SafetensorsSink:
         self._shard_of = {p.name: i for i, g in enumerate(groups) for p in g}
         self._current: tuple[int, SafetensorsWriter] | None = None
         self.total_bytes = sum(p.numel * p.out_dtype.itemsize for p in layers)
-        self._writer = BackgroundWriter()
+        self._writer = BackgroundWriter(WRITER_DEPTH)
+
+    # Chunks handed to `write` that may still be unwritten: those queued, plus the one being
+    # written. The engine reuses a chunk's buffer only once more chunks than this followed it.
+    holds = WRITER_DEPTH + 1
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
         """Queue a chunk for writing (the caller must not modify it afterwards)."""

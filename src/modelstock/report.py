@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+
+import torch
 
 
 @dataclass
 class LayerReport:
     """One tensor's record. ``rule`` is one of ``model_stock``, ``average``, ``wise_ft``,
-    ``linear``, ``anchor``, ``copy``. ``cos`` is the mean pairwise cosine of the task vectors,
+    ``linear``, ``anchor``, ``copy``, ``follow`` (a running statistic that took its layer's
+    coefficient). ``cos`` is the mean pairwise cosine of the task vectors,
     ``t`` the ratio applied (for ``granularity="row"``: the mean over rows, with
     ``t_min``/``t_max``)."""
 
@@ -32,6 +36,40 @@ class LayerReport:
         return math.prod(self.shape)
 
 
+def layer_report(name: str, shape: Sequence[int], rule: str, dtype: torch.dtype, *,
+                 norms: torch.Tensor | None = None, pair_cos: torch.Tensor | None = None,
+                 cos: float | None = None, t: torch.Tensor | None = None,
+                 note: str | None = None, who: str = "model") -> LayerReport:
+    """A tensor's record from its measurements: the task vectors' ``norms``, their pairwise
+    cosines (``cos`` defaults to their mean), the ratio ``t`` applied (a tensor of one value per
+    row gives the mean with ``t_min``/``t_max``). Zero task vectors get a note."""
+    rep = LayerReport(name, list(shape), rule, str(dtype).removeprefix("torch."), note=note)
+    if pair_cos is not None:
+        rep.pair_cos = [float(x) for x in pair_cos]
+        if cos is None and rep.pair_cos:
+            cos = sum(rep.pair_cos) / len(rep.pair_cos)
+    if cos is not None:
+        rep.cos = float(cos)
+        rep.angle_deg = math.degrees(math.acos(max(-1.0, min(1.0, rep.cos))))
+    if t is not None:
+        t = torch.as_tensor(t)
+        rep.t = float(t.mean())
+        if t.ndim:
+            rep.t_min, rep.t_max = float(t.min()), float(t.max())
+    if norms is not None:
+        rep.norms = [float(x) for x in norms]
+        zero = [i for i, x in enumerate(rep.norms) if x == 0]
+        if len(zero) == len(rep.norms):
+            extra = "every task vector is zero: output equals the anchor"
+        elif zero:
+            extra = f"task vector of {who}(s) {zero} is zero (pair cos = 0)"
+        else:
+            extra = None
+        if extra:
+            rep.note = f"{rep.note}; {extra}" if rep.note else extra
+    return rep
+
+
 @dataclass
 class MergeReport:
     """Everything a merge decided, JSON-ready (``modelstock_report.json``). ``greedy`` records a
@@ -50,6 +88,7 @@ class MergeReport:
     models: list[str] = field(default_factory=list)
     model_cos: float | None = None
     model_t: float | None = None
+    buffers: str | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: float | None = None
     output_bytes: int | None = None

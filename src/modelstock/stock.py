@@ -8,40 +8,25 @@ For one layer with anchor ``w0`` and fine-tunes ``w1..wN`` (Jang, Yun, Han, ECCV
     w_H = w0 + t (mean_i(w_i) - w0)
 
 Task vectors are formed in a float compute dtype (float32, or float64 for float64 inputs) and
-their dot products accumulated in float64. Everything here works on flat chunks so that the same
-code serves whole tensors, chunks of huge tensors, rows (``granularity="row"``), whole models,
-post-hoc merging and merging during training. Where they were built, the C loops of
-`modelstock.kernels` run the block loops of `chunk_stats`, `combine` and `stock_output` for
-float32, bfloat16 and float16 weights, to the same rounding.
+their dot products accumulated in float64. A pair with a zero task vector counts as cos = 0.
+These functions work on flat tensors, so the same code serves whole tensors, chunks, rows, whole
+models, merging after and during training. The engine's cache-blocked (and C) versions of the
+same operations are in `modelstock._blocks`.
 """
 
 from __future__ import annotations
 
-import math
-import threading
 from collections.abc import Sequence
 
 import torch
 
-from . import kernels
+from .errors import ModelStockError
 
-# Elements per cache block in `chunk_stats`: the N task vectors of a block stay in cache.
-BLOCK_NUMEL = 1 << 18
-_SCRATCH = threading.local()
 # |1 + (N-1) cos| below this is treated as the formula's pole (see `stock_ratio`).
 SINGULAR_EPS = 1e-6
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf (torch has no isfinite for float8: check those in float32)."""
-    if t.is_floating_point() and t.dtype.itemsize == 1:
-        t = t.float()
-    return bool(torch.isfinite(t).all())
-
-
-def block_step(row_numel: int | None) -> int:
-    """Elements per cache block: `BLOCK_NUMEL`, rounded down to whole rows (at least one)."""
-    return BLOCK_NUMEL if row_numel is None else max(1, BLOCK_NUMEL // row_numel) * row_numel
+# Gram matrices are summed over blocks of this many elements, so that a float64 copy of the
+# block's task vectors stays in cache.
+BLOCK_NUMEL = 1 << 18
 
 
 def compute_dtype_for(*dtypes: torch.dtype | None) -> torch.dtype:
@@ -55,8 +40,8 @@ def task_vectors(anchor: torch.Tensor, models: Sequence[torch.Tensor],
     """``w_i - w0`` for flat chunks of equal length, as an ``[N, n]`` tensor of ``dtype``.
 
     Inputs are converted exactly (16-bit floats widen without rounding), so for 16-bit weights
-    the task vectors themselves are exact in float32. ``anchor_buf`` (``n`` elements of
-    ``dtype``) receives the converted anchor instead of a fresh tensor.
+    the task vectors themselves are exact in float32. ``out`` and ``anchor_buf`` (``n``
+    elements of ``dtype``, for the converted anchor) are optional reused buffers.
     """
     if anchor.dtype == dtype:
         w0 = anchor
@@ -72,12 +57,14 @@ def task_vectors(anchor: torch.Tensor, models: Sequence[torch.Tensor],
     return out
 
 
-def gram(deltas: torch.Tensor, row_numel: int | None = None) -> torch.Tensor:
+def gram(deltas: torch.Tensor, row_numel: int | None = None,
+         buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Float64 Gram matrix ``<d_i, d_j>`` of ``[N, n]`` task vectors.
 
     Products and sums are taken in float64 (a product of two float32 values is exact there),
-    block by block so that the float64 copy stays in cache. With ``row_numel`` the chunk is read
-    as rows of that many elements and one ``[N, N]`` matrix is returned per row: ``[R, N, N]``.
+    `BLOCK_NUMEL` elements at a time (in ``buffer``, a reused float64 tensor, if given). With
+    ``row_numel`` the chunk is read as rows of that many elements and one ``[N, N]`` matrix is
+    returned per row: ``[R, N, N]``.
     """
     n_models, numel = deltas.shape
     if row_numel is not None:
@@ -86,76 +73,10 @@ def gram(deltas: torch.Tensor, row_numel: int | None = None) -> torch.Tensor:
     g = torch.zeros((n_models, n_models), dtype=torch.float64, device=deltas.device)
     for start in range(0, numel, BLOCK_NUMEL):
         block = deltas[:, start : start + BLOCK_NUMEL]
-        if block.dtype != torch.float64:  # into a reused buffer: an allocation costs more
-            block = _scratch("gram64", tuple(block.shape), torch.float64,
-                             deltas.device).copy_(block)
+        if block.dtype != torch.float64:
+            block = (block.to(torch.float64) if buffer is None
+                     else buffer[: block.numel()].view(block.shape).copy_(block))
         g += block @ block.T
-    return g
-
-
-def sum_models(deltas: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum_i d_i`` of ``[N, n]`` task vectors (into ``out`` if given)."""
-    if out is None:
-        out = torch.empty_like(deltas[0])
-    if deltas.shape[0] == 1:
-        return out.copy_(deltas[0])
-    torch.add(deltas[0], deltas[1], out=out)
-    for d in deltas[2:]:
-        out += d
-    return out
-
-
-def _scratch(key: str, shape: tuple[int, ...], dtype: torch.dtype,
-             device: torch.device) -> torch.Tensor:
-    """A reusable buffer of this thread: a fresh allocation per cache block costs more than the
-    block's arithmetic, and worker threads must not share one."""
-    cache = _SCRATCH.__dict__.setdefault("buffers", {})
-    numel = math.prod(shape)
-    buf = cache.get((key, dtype, device))
-    if buf is None or buf.numel() < numel:
-        buf = cache[(key, dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(shape)
-
-
-def chunk_stats(anchor: torch.Tensor, models: Sequence[torch.Tensor], dtype: torch.dtype,
-                row_numel: int | None = None, total: torch.Tensor | None = None,
-                ignore_nonfinite: bool = False, with_gram: bool = True) -> torch.Tensor | None:
-    """Gram matrix of a chunk's task vectors, computed block by block so that they stay in
-    cache; if ``total`` is given, it receives ``sum_i d_i`` (what the output needs).
-
-    ``ignore_nonfinite`` leaves NaN/Inf elements out of the Gram matrix (not out of ``total``).
-    Blocks hold whole rows when ``row_numel`` is given. ``with_gram=False`` only fills ``total``.
-    ``gram(task_vectors(...))`` block by block, in reused per-thread buffers.
-    """
-    numel, n_models, dev = anchor.numel(), len(models), anchor.device
-    g = torch.zeros((n_models, n_models), dtype=torch.float64, device=dev)
-    if (row_numel is None and not ignore_nonfinite and dtype == torch.float32
-            and kernels.stats(anchor, models, total, g if with_gram else None)):
-        return g if with_gram else None
-    step = block_step(row_numel)
-    width = min(step, numel)
-    d_buf = _scratch("deltas", (n_models, width), dtype, dev)
-    w0_buf = _scratch("anchor", (width,), dtype, dev)
-    rows = []
-    for s in range(0, numel, step):
-        e = min(numel, s + step)
-        d = task_vectors(anchor[s:e], [w[s:e] for w in models], dtype, out=d_buf[:, : e - s],
-                         anchor_buf=w0_buf[: e - s])
-        if total is not None:
-            sum_models(d, out=total[s:e])
-        if not with_gram:
-            continue
-        if ignore_nonfinite:
-            d = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
-        if row_numel is not None:
-            rows.append(gram(d, row_numel))
-        else:
-            g += gram(d)
-    if not with_gram:
-        return None
-    if row_numel is not None:
-        return torch.cat(rows) if rows else torch.zeros((0, n_models, n_models),
-                                                        dtype=torch.float64, device=dev)
     return g
 
 
@@ -174,9 +95,27 @@ def pair_values(m: torch.Tensor) -> torch.Tensor:
     return m[..., i, j]
 
 
+def _require_pairs(n: int) -> None:
+    if n < 2:
+        raise ModelStockError(f"Model Stock needs at least 2 fine-tuned models (the ratio "
+                              f"comes from the angle between two task vectors), got {n}")
+
+
 def mean_pairwise_cos(g: torch.Tensor) -> torch.Tensor:
     """Mean over pairs ``i < j`` of the cosine between task vectors (the paper's rule for N > 2)."""
+    _require_pairs(g.shape[-1])
     return pair_values(pairwise_cos(g)).mean(dim=-1)
+
+
+def mean_cos_from_units(unit_sum_sq: torch.Tensor, nonzero: torch.Tensor | int,
+                        n: int) -> torch.Tensor:
+    """The same mean from ``|sum_i u_i|^2``, where ``u_i = d_i / |d_i|`` (0 for a zero vector)
+    and ``nonzero`` counts the nonzero ``d_i``: ``sum_{i<j} cos_ij = (|sum u_i|^2 - nonzero)/2``.
+    What a distributed merge can compute without gathering any replica's weights."""
+    _require_pairs(n)
+    pairs = n * (n - 1) / 2
+    total = (unit_sum_sq.to(torch.float64) - torch.as_tensor(nonzero, dtype=torch.float64)) / 2
+    return (total / pairs).clamp(-1.0, 1.0)
 
 
 def stock_ratio(cos: torch.Tensor | float, n: int, clamp: bool = True) -> torch.Tensor:
@@ -186,6 +125,7 @@ def stock_ratio(cos: torch.Tensor | float, n: int, clamp: bool = True) -> torch.
     agree (cos <= 0) falls back to the anchor. ``clamp=False`` keeps the raw formula, except at
     its pole ``1 + (N-1) cos = 0`` (cos = -1/(N-1)), where ``t`` is set to 0 instead of +-inf.
     """
+    _require_pairs(n)
     cos = torch.as_tensor(cos, dtype=torch.float64)
     den = 1.0 + (n - 1) * cos
     singular = den.abs() < SINGULAR_EPS
@@ -194,100 +134,34 @@ def stock_ratio(cos: torch.Tensor | float, n: int, clamp: bool = True) -> torch.
 
 
 def is_singular(cos: torch.Tensor | float, n: int) -> torch.Tensor:
-    """Where ``stock_ratio`` hit the formula's pole and returned 0."""
+    """Where `stock_ratio` hit the formula's pole and returned 0."""
     cos = torch.as_tensor(cos, dtype=torch.float64)
     return (1.0 + (n - 1) * cos).abs() < SINGULAR_EPS
 
 
-def combine(anchor: torch.Tensor, total: torch.Tensor, scale: torch.Tensor | float,
-            out: torch.Tensor, row_numel: int | None = None) -> torch.Tensor:
-    """``out = w0 + scale * total`` in ``total``'s dtype, rounded once into ``out``'s dtype.
-
-    With ``total = sum_i d_i`` and ``scale = t / N`` this is the Model Stock output
-    ``w0 + t (mean_i(w_i) - w0)``. ``scale`` is a scalar, or one value per row. Works block by
-    block in a buffer of ``total``'s dtype (one dtype per kernel: mixed-dtype kernels are ~2x
-    slower on CPU).
-    """
-    scale = torch.as_tensor(scale, dtype=torch.float64)
-    if scale.ndim == 0 and kernels.combine(anchor, total, float(scale), out):
-        return out
-    numel = anchor.numel()
-    step = block_step(row_numel)
-    buf = _scratch("combine", (min(step, numel),), total.dtype, total.device)
-    if scale.ndim:
-        scale = scale.to(total.dtype).to(total.device)
-    for s in range(0, numel, step):
-        e = min(numel, s + step)
-        b = buf[: e - s]
-        b.copy_(anchor[s:e])
-        if scale.ndim == 0:
-            b.add_(total[s:e], alpha=float(scale))
-        else:
-            rows = scale[s // row_numel : e // row_numel].unsqueeze(1)
-            b.view(-1, row_numel).addcmul_(total[s:e].view(-1, row_numel), rows)
-        out[s:e].copy_(b)
-    return out
-
-
-def stock_output(anchor: torch.Tensor, models: Sequence[torch.Tensor],
-                 scale: torch.Tensor | float, out: torch.Tensor, dtype: torch.dtype,
-                 row_numel: int | None = None) -> torch.Tensor:
-    """``out = w0 + scale * sum_i d_i`` straight from the weights, block by block, so that
-    ``sum_i d_i`` only ever exists for one cache block (for chunks whose sum was not kept from
-    the Gram pass). The same operations as `chunk_stats` then `combine`."""
-    scale = torch.as_tensor(scale, dtype=torch.float64)
-    if (scale.ndim == 0 and dtype == torch.float32
-            and kernels.output(anchor, models, float(scale), out)):
-        return out
-    numel = anchor.numel()
-    step = block_step(row_numel)
-    tot = _scratch("output total", (min(step, numel),), dtype, anchor.device)
-    for s in range(0, numel, step):
-        e = min(numel, s + step)
-        chunk_stats(anchor[s:e], [w[s:e] for w in models], dtype, row_numel, tot[: e - s],
-                    with_gram=False)
-        sc = scale[s // row_numel : e // row_numel] if scale.ndim else scale
-        combine(anchor[s:e], tot[: e - s], sc, out[s:e], row_numel)
-    return out
-
-
-def apply_ratio(anchor: torch.Tensor, deltas: torch.Tensor, t: torch.Tensor | float,
+def interpolate(anchor: torch.Tensor, deltas: torch.Tensor, t: torch.Tensor | float,
                 out_dtype: torch.dtype, row_numel: int | None = None) -> torch.Tensor:
     """``w0 + t mean_i(d_i)`` (= ``w0 + t (mean_i(w_i) - w0)``) for a flat chunk of ``[N, n]``
-    task vectors; ``t`` is a scalar or one value per row of ``row_numel`` elements."""
-    out = torch.empty(anchor.numel(), dtype=out_dtype, device=deltas.device)
+    task vectors, in the task vectors' dtype, rounded once to ``out_dtype``; ``t`` is a scalar
+    or one value per row of ``row_numel`` elements."""
     t = torch.as_tensor(t, dtype=torch.float64)
-    return combine(anchor, sum_models(deltas), t / deltas.shape[0], out, row_numel)
+    scale = (t / deltas.shape[0]).to(deltas.dtype).to(deltas.device)
+    total = deltas[0].clone()
+    for d in deltas[1:]:  # in order: the engine's sums round the same way
+        total += d
+    out = anchor.to(deltas.dtype)
+    if scale.ndim:
+        out = out.view(-1, row_numel).addcmul(total.view(-1, row_numel), scale.unsqueeze(1))
+    else:
+        out = out.add(total, alpha=float(scale))
+    return out.reshape(-1).to(out_dtype)
 
 
-def average(models: Sequence[torch.Tensor], out_dtype: torch.dtype,
-            compute_dtype: torch.dtype = torch.float32, weights: Sequence[float] | None = None,
-            normalize: bool = True) -> torch.Tensor:
-    """Plain mean of flat chunks (a uniform soup; BatchNorm statistics; keys with no anchor).
-
-    With ``weights``: ``sum_i weights[i] models[i]``, divided by ``sum(weights)`` if
-    ``normalize`` (mergekit's ``linear``).
-    """
-    if weights is None:
-        acc = models[0].to(compute_dtype, copy=True)
-        for w in models[1:]:
-            acc += w.to(compute_dtype)
-        acc /= len(models)
-        return acc.to(out_dtype)
-    acc = torch.mul(models[0].to(compute_dtype), weights[0])
-    for x, w in zip(models[1:], weights[1:], strict=True):
-        acc.add_(x.to(compute_dtype), alpha=w)
-    if normalize:
-        acc /= sum(weights)
-    return acc.to(out_dtype)
-
-
-def model_stock(
-    anchor: torch.Tensor, models: Sequence[torch.Tensor], clamp: bool = True
-) -> torch.Tensor:
-    """Model Stock merge of one whole tensor (convenience for small, in-memory use)."""
+def model_stock(anchor: torch.Tensor, models: Sequence[torch.Tensor],
+                clamp: bool = True) -> torch.Tensor:
+    """Model Stock merge of one whole tensor (for small, in-memory use); needs N >= 2."""
+    _require_pairs(len(models))
     dt = compute_dtype_for(anchor.dtype, *(m.dtype for m in models))
-    flat = [m.reshape(-1) for m in models]
-    deltas = task_vectors(anchor.reshape(-1), flat, dt)
+    deltas = task_vectors(anchor.reshape(-1), [m.reshape(-1) for m in models], dt)
     t = stock_ratio(mean_pairwise_cos(gram(deltas)), len(models), clamp)
-    return apply_ratio(anchor.reshape(-1), deltas, t, anchor.dtype).view(anchor.shape)
+    return interpolate(anchor.reshape(-1), deltas, t, anchor.dtype).view(anchor.shape)

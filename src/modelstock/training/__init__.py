@@ -5,7 +5,7 @@ the same pretrained weights and are periodically replaced by their Model Stock m
 model per replica across processes with torch.distributed (an all-reduce, no gathering).
 """
 
-from .distributed import DistributedModelStock, norm_weighted_cos, replica_group
+from .distributed import DistributedModelStock, replica_group
 from .periodic import PeriodicModelStock
 
-__all__ = ["DistributedModelStock", "PeriodicModelStock", "norm_weighted_cos", "replica_group"]
+__all__ = ["DistributedModelStock", "PeriodicModelStock", "replica_group"]

@@ -1,20 +1,15 @@
 """Model Stock during training across processes: one model per replica, merged by all-reduce.
 
 Each replica (one rank, or a data-parallel group of ``ranks_per_replica`` consecutive ranks with
-DDP inside) trains one model. A merge needs, per layer, only the sum of the task vectors and a
-few scalars, because
+DDP inside) trains one model. A merge is the post-hoc merge's rules with an all-reduce between
+their statistics and their coefficients, and no rank ever holds another replica's weights. Each
+replica knows its own task vector ``d_i`` and its norm, so with ``u_i = d_i / |d_i|`` (0 for a
+zero vector)
 
-    sum_{i != j} <d_i, d_j> = |sum_i d_i|^2 - sum_i |d_i|^2
+    sum_{i<j} cos_ij = (|sum_i u_i|^2 - #nonzero) / 2
 
-so it is one all-reduce of the task vectors (bucketed) plus one of the squared norms
-``|d_i|^2``; no rank ever holds another replica's weights. From these the ratio uses the
-*norm-weighted* mean cosine
-
-    cos_w = sum_{i<j} <d_i, d_j> / sum_{i<j} |d_i| |d_j|
-
-which for N = 2 is exactly the paper's cosine, and for N > 2 is the mean of the pairwise cosines
-weighted by ``|d_i| |d_j|`` (equal to the plain mean when the norms agree, as the paper observes
-they do; a pair with a zero task vector gets weight 0 rather than cosine 0).
+and the paper's mean of pairwise cosines costs one all-reduce of ``sum_i u_i`` beside the one of
+``sum_i d_i`` that the output needs (plus the ``|d_i|^2``, one number per tensor or row).
 """
 
 from __future__ import annotations
@@ -27,26 +22,17 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .. import stock
+from .. import _blocks, stock
 from ..checkpoint import StateDictReader
-from ..engine import LayerPlan, MergeOptions, plan_merge
 from ..errors import ModelStockError
-from ..report import LayerReport, MergeReport
-from .periodic import Anchor, Periodic, anchor_reader, copy_anchor, live_tensors, unwrap
+from ..plan import LayerPlan, plan_merge
+from ..recipe import Recipe
+from ..report import LayerReport, MergeReport, layer_report
+from ..rules import Copy, Follow, Mean, ModelStock
+from .periodic import Anchor, Periodic, anchor_reader, live_tensors, prepare_anchor, warn_rounding
 
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_BUCKET_NUMEL = 1 << 24  # 64 MiB of float32 in flight per all-reduce
-
-
-def norm_weighted_cos(sum_sq: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-    """``sum_{i<j} <d_i,d_j> / sum_{i<j} |d_i||d_j|`` from ``|sum_i d_i|^2`` (shape ``[...]``)
-    and the ``|d_i|^2`` (shape ``[N, ...]``); 0 where fewer than two task vectors are nonzero."""
-    sq = sq_norms.to(torch.float64).clamp_min(0)
-    norms = sq.sqrt().movedim(0, -1)
-    pairs = stock.pair_values(norms.unsqueeze(-1) * norms.unsqueeze(-2)).sum(-1)
-    dots = (sum_sq.to(torch.float64) - sq.sum(0)) / 2
-    cos = torch.where(pairs > 0, dots / torch.where(pairs > 0, pairs, 1.0), 0.0)
-    return cos.clamp(-1.0, 1.0)
 
 
 def replica_group(ranks_per_replica: int) -> dist.ProcessGroup:
@@ -63,13 +49,6 @@ def _seconds(timeout: float | timedelta) -> float:
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return (lines[0] if lines else type(e).__name__)[:300]
-
-
-def _row_numel(p: LayerPlan, granularity: str) -> int | None:
-    """Elements per row for ``granularity="row"`` (as the engine does: tensors of 2+ dims)."""
-    if granularity != "row" or len(p.shape) < 2 or p.numel == 0:
-        return None
-    return p.numel // p.shape[0]
 
 
 class DistributedModelStock(Periodic):
@@ -97,7 +76,7 @@ class DistributedModelStock(Periodic):
                  anchor_dtype: torch.dtype | None = None, ranks_per_replica: int = 1,
                  group: dist.ProcessGroup | None = None,
                  timeout: float | timedelta = DEFAULT_TIMEOUT_S,
-                 bucket_numel: int = DEFAULT_BUCKET_NUMEL) -> None:
+                 bucket_numel: int = DEFAULT_BUCKET_NUMEL, buffers: str = "follow") -> None:
         super().__init__(period, unit, optimizers, optimizer_state)
         if not (dist.is_available() and dist.is_initialized()):
             raise ModelStockError("torch.distributed is not initialized: call torch.distributed."
@@ -106,7 +85,7 @@ class DistributedModelStock(Periodic):
             raise ModelStockError("granularity 'model' is not supported in distributed merges "
                                   "(it needs every layer's sums before writing any); use 'tensor' "
                                   "or 'row'")
-        self.options = MergeOptions(granularity=granularity, clamp=clamp)
+        self.recipe = Recipe(granularity=granularity, clamp=clamp, buffers=buffers)
         self.timeout = _seconds(timeout)
         self.group = group if group is not None else dist.new_group(
             timeout=timedelta(seconds=self.timeout))
@@ -115,7 +94,7 @@ class DistributedModelStock(Periodic):
             raise ModelStockError(f"ranks_per_replica={ranks_per_replica} does not divide the "
                                   f"{world} ranks of the group")
         self.n = world // ranks_per_replica
-        if self.n < 2:
+        if self.n < self.recipe.min_models:
             raise ModelStockError(f"Model Stock needs at least 2 replicas, got {self.n} "
                                   f"({world} rank(s), {ranks_per_replica} per replica)")
         self.replica = rank // ranks_per_replica
@@ -126,21 +105,12 @@ class DistributedModelStock(Periodic):
         self.bucket_numel = bucket_numel
         live = live_tensors(model)
         self.device = next(iter(live.values())).device
-        names = unwrap(model).state_dict()
-        full = unwrap(anchor).state_dict() if isinstance(anchor, torch.nn.Module) else anchor
-        extra = [k for k, v in full.items() if isinstance(v, torch.Tensor) and k not in names]
-        if extra:
-            raise ModelStockError(f"the anchor has {len(extra)} tensor(s) that the model lacks "
-                                  f"(is it the right model?): {', '.join(extra[:5])}")
-        self.anchor = copy_anchor(full, live, anchor_device, anchor_dtype)
+        self.anchor, self.rounding = prepare_anchor(anchor, model, anchor_device, anchor_dtype)
         local = StateDictReader(live, f"replica {self.replica}")
         # The engine's planner decides each tensor's rule; two copies of the local model stand
         # in for the N replicas (the rules depend only on names, shapes and dtypes).
-        plan = plan_merge(anchor_reader(self.anchor, live), [local, local], self.options)
-        self.layers, self.warnings = plan.layers, list(plan.warnings)
-        if self.n > 2:
-            self.warnings.append(f"distributed merge of {self.n} replicas: cos is the "
-                                 "norm-weighted mean of the pairwise cosines")
+        plan = plan_merge(anchor_reader(self.anchor, live), [local, local], self.recipe)
+        self.plan, self.layers, self.warnings = plan, plan.layers, list(plan.warnings)
         self._check_replicas_agree()
 
     # -- collectives -------------------------------------------------------------------------
@@ -194,30 +164,38 @@ class DistributedModelStock(Periodic):
             raise ModelStockError(f"replicas are at different merges ({int(-count[1]) + 1} to "
                                   f"{int(count[0]) + 1}): call step()/merge() in lockstep")
         reports: dict[str, LayerReport] = {}
-        for bucket in self._buckets():
-            self._merge_bucket(bucket, live, reports)
+        self._t: dict[str, torch.Tensor] = {}
+        # Statistics first, so that a follower finds its owner's ratio.
+        for kind in (ModelStock, Mean, Follow):
+            for bucket in self._buckets(kind):
+                self._merge_bucket(bucket, live, reports)
         self._copy_layers(live, reports)
         for p in self.layers:
-            if p.rule == "anchor":
+            if isinstance(p.rule, Copy) and p.rule.source == "anchor":
                 live[p.name].copy_(self.anchor[p.name])
-                reports[p.name] = LayerReport(p.name, list(p.shape), p.rule, _dtype(p), note=p.note)
-        return MergeReport(method="model-stock", n_models=self.n,
-                           granularity=self.options.granularity, clamp=self.options.clamp,
-                           layers=[reports[p.name] for p in self.layers], anchor="anchor",
-                           models=[f"replica {i}" for i in range(self.n)],
-                           warnings=list(self.warnings))
+                reports[p.name] = layer_report(p.name, p.shape, p.rule.name, p.out_dtype,
+                                               note=p.note)
+        report = MergeReport(method="model-stock", n_models=self.n,
+                             granularity=self.recipe.granularity, clamp=self.recipe.clamp,
+                             layers=[reports[p.name] for p in self.layers], anchor="anchor",
+                             models=[f"replica {i}" for i in range(self.n)],
+                             warnings=list(self.warnings), buffers=self.recipe.buffers)
+        warn_rounding(report, self.rounding)
+        return report
 
     def _compute_dtype(self, p: LayerPlan) -> torch.dtype:
-        dtypes = [p.out_dtype] + ([self.anchor[p.name].dtype] if p.anchored else [])
-        return stock.compute_dtype_for(*dtypes)
+        if not p.out_dtype.is_floating_point:
+            return torch.float64  # an integer follower: interpolated, then rounded
+        return stock.compute_dtype_for(p.out_dtype, self.anchor[p.name].dtype
+                                       if p.name in self.anchor else None)
 
-    def _buckets(self) -> list[list[LayerPlan]]:
-        """Summed layers (Model Stock and averaged) in groups of about ``bucket_numel`` elements
-        with one compute dtype each."""
+    def _buckets(self, kind: type) -> list[list[LayerPlan]]:
+        """The tensors of one rule kind in groups of about ``bucket_numel`` elements with one
+        compute dtype each (one all-reduce per group)."""
         buckets: list[list[LayerPlan]] = []
         size, dtype = 0, None
         for p in self.layers:
-            if not (p.anchored or p.rule == "average"):
+            if not isinstance(p.rule, kind):
                 continue
             dt = self._compute_dtype(p)
             if not buckets or dt != dtype or size + p.numel > self.bucket_numel:
@@ -227,82 +205,114 @@ class DistributedModelStock(Periodic):
             size += p.numel
         return buckets
 
-    def _w0(self, name: str) -> torch.Tensor:
-        return self.anchor[name].reshape(-1).to(device=self.device)
+    def _segments(self, p: LayerPlan) -> int:
+        """How many ratios the tensor gets: one per row, or one."""
+        return p.shape[0] if p.row_numel(self.recipe) else 1
 
     def _merge_bucket(self, bucket: list[LayerPlan], live: dict[str, torch.Tensor],
                       reports: dict[str, LayerReport]) -> None:
+        """All-reduce the bucket's sums (task vectors, or values for `Mean`), and for Model
+        Stock the unit vectors and squared norms; then write each tensor."""
         dtype = self._compute_dtype(bucket[0])
-        gran = self.options.granularity
-        segs = [p.shape[0] if _row_numel(p, gran) else 1 for p in bucket]
-        buf = torch.zeros(sum(p.numel for p in bucket), dtype=dtype, device=self.device)
-        sq = torch.zeros((self.n, sum(segs)), dtype=torch.float64, device=self.device)
-        offsets, off, seg_off = [], 0, 0
+        stats = isinstance(bucket[0].rule, ModelStock)
+        numel = sum(p.numel for p in bucket)
+        segs = [self._segments(p) for p in bucket]
+        total = torch.zeros(numel, dtype=dtype, device=self.device)
+        units = torch.zeros(numel if stats else 0, dtype=dtype, device=self.device)
+        sq = torch.zeros((self.n, sum(segs) if stats else 0), dtype=torch.float64,
+                         device=self.device)
+        off = seg_off = 0
         for p, r in zip(bucket, segs, strict=True):
-            offsets.append((off, seg_off))
             if self.leader:  # the other ranks of a replica hold the same weights: count once
                 w = live[p.name].reshape(-1)
-                if p.anchored:
-                    d = stock.task_vectors(self._w0(p.name), [w], dtype)
-                    buf[off : off + p.numel].copy_(d[0])
-                    sq[self.replica, seg_off : seg_off + r] = (
-                        stock.gram(d, _row_numel(p, gran)).reshape(-1))
+                if isinstance(p.rule, Mean):
+                    total[off : off + p.numel].copy_(w)
                 else:
-                    buf[off : off + p.numel].copy_(w)
+                    d = stock.task_vectors(self._w0(p.name), [w], dtype)
+                    total[off : off + p.numel].copy_(d[0])
+                    if stats:
+                        self._units(p, d[0], units[off : off + p.numel],
+                                    sq[self.replica, seg_off : seg_off + r])
             off, seg_off = off + p.numel, seg_off + r
         names = ", ".join(p.name for p in bucket[:3]) + (", ..." if len(bucket) > 3 else "")
-        self._all_reduce([buf, sq], f"all-reduce of {names}")
+        self._all_reduce([total, units, sq] if stats else [total], f"all-reduce of {names}")
         self._written = True
-        for p, r, (off, seg_off) in zip(bucket, segs, offsets, strict=True):
-            total = buf[off : off + p.numel]
-            if p.anchored:
-                reports[p.name] = self._write_anchored(p, total, sq[:, seg_off : seg_off + r],
-                                                       live[p.name])
+        off = seg_off = 0
+        for p, r in zip(bucket, segs, strict=True):
+            part = total[off : off + p.numel]
+            if isinstance(p.rule, Mean):
+                out = (part / self.n).to(p.out_dtype)
+                reports[p.name] = layer_report(p.name, p.shape, p.rule.name, p.out_dtype,
+                                               note=p.note)
             else:
-                out = (total / self.n).to(p.out_dtype)
-                if not stock.all_finite(out):
-                    raise ModelStockError("averaged values are not finite (has a replica "
-                                          "diverged?)", tensor=p.name)
-                live[p.name].copy_(out.view(p.shape))
-                reports[p.name] = LayerReport(p.name, list(p.shape), p.rule, _dtype(p),
-                                              note=p.note)
+                if stats:
+                    t, rep = self._ratio(p, part, units[off : off + p.numel],
+                                         sq[:, seg_off : seg_off + r])
+                else:
+                    t = self._t[p.rule.owner]
+                    t = t.mean() if t.ndim else t
+                    rep = layer_report(p.name, p.shape, p.rule.name, p.out_dtype, t=t,
+                                       note=p.note)
+                self._t[p.name] = t
+                out = self._interpolate(p, part, t)
+                reports[p.name] = rep
+            if not _blocks.all_finite(out):
+                raise ModelStockError("merged values are not finite (has a replica "
+                                      "diverged?)", tensor=p.name)
+            live[p.name].copy_(out.view(p.shape))
+            off, seg_off = off + p.numel, seg_off + r
 
-    def _write_anchored(self, p: LayerPlan, total: torch.Tensor, sq: torch.Tensor,
-                        target: torch.Tensor) -> LayerReport:
-        row = _row_numel(p, self.options.granularity)
-        sum_sq = stock.gram(total.view(1, -1), row).reshape(-1)  # |sum_i d_i|^2 per segment
-        if not torch.isfinite(sum_sq).all():
+    def _w0(self, name: str) -> torch.Tensor:
+        return self.anchor[name].reshape(-1).to(device=self.device)
+
+    def _units(self, p: LayerPlan, d: torch.Tensor, units: torch.Tensor,
+               sq: torch.Tensor) -> None:
+        """This replica's ``|d|^2`` per segment into ``sq`` and ``d / |d|`` into ``units``."""
+        row = p.row_numel(self.recipe)
+        sq.copy_(stock.gram(d.view(1, -1), row).reshape(-1))
+        norms = sq.sqrt()
+        inv = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0).to(d.dtype)
+        if row:
+            torch.mul(d.view(-1, row), inv.unsqueeze(1), out=units.view(-1, row))
+        else:
+            torch.mul(d, inv, out=units)
+
+    def _ratio(self, p: LayerPlan, total: torch.Tensor, units: torch.Tensor, sq: torch.Tensor
+               ) -> tuple[torch.Tensor, LayerReport]:
+        """The rule's ratio from the reduced unit vectors, and the tensor's report entry (with
+        one ratio per row, its cos is the whole tensor's for N = 2, else the mean over rows)."""
+        row = p.row_numel(self.recipe)
+        unit_sq = stock.gram(units.view(1, -1), row).reshape(-1)  # |sum_i u_i|^2 per segment
+        if not (torch.isfinite(unit_sq).all() and torch.isfinite(sq).all()):
             raise ModelStockError("task vectors are not finite (has a replica diverged?)",
                                   tensor=p.name)
-        cos = norm_weighted_cos(sum_sq, sq)
-        t = stock.stock_ratio(cos if row else cos[0], self.n, self.options.clamp)
-        out = torch.empty(p.numel, dtype=p.out_dtype, device=self.device)
-        stock.combine(self._w0(p.name), total, t / self.n, out, row)  # w0 + t/N sum_i d_i
-        target.copy_(out.view(p.shape))
-        return self._describe(p, sum_sq.sum(), sq.sum(1), t)
-
-    def _describe(self, p: LayerPlan, sum_sq: torch.Tensor, sq: torch.Tensor,
-                  t: torch.Tensor) -> LayerReport:
-        rep = LayerReport(p.name, list(p.shape), p.rule, _dtype(p))
-        rep.norms = [float(x) for x in sq.clamp_min(0).sqrt()]
-        rep.cos = float(norm_weighted_cos(sum_sq, sq))
+        cos = stock.mean_cos_from_units(unit_sq, (sq > 0).sum(0), self.n)
+        t = p.rule.ratio(cos if row else cos[0], self.n)
+        note = p.rule.note_for_cos(cos, self.n)
+        norms = sq.sum(1).clamp_min(0).sqrt()
+        tensor_cos = cos.mean()
+        if row and self.n == 2 and bool((norms > 0).all()):  # the whole tensor's cosine, exact
+            sum_sq = float(stock.gram(total.view(1, -1))[0, 0])
+            tensor_cos = (sum_sq - float(sq.sum())) / 2 / float(norms.prod())
+        rep = layer_report(p.name, p.shape, p.rule.name, p.out_dtype, norms=norms,
+                           cos=min(1.0, max(-1.0, float(tensor_cos))), t=t, note=note,
+                           who="replica")
         if self.n == 2:
             rep.pair_cos = [rep.cos]
-        rep.angle_deg = math.degrees(math.acos(max(-1.0, min(1.0, rep.cos))))
-        rep.t = float(t.mean())
-        if t.ndim:
-            rep.t_min, rep.t_max = float(t.min()), float(t.max())
-        zero = [i for i, x in enumerate(rep.norms) if x == 0]
-        if len(zero) == self.n:
-            rep.note = "every task vector is zero: output equals the anchor"
-        elif zero:
-            rep.note = f"task vector of replica(s) {zero} is zero"
-        return rep
+        return t, rep
+
+    def _interpolate(self, p: LayerPlan, total: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``w0 + t/N sum_i d_i`` in the output dtype (an integer tensor rounded)."""
+        row = p.row_numel(self.recipe)
+        if not p.out_dtype.is_floating_point:
+            return (self._w0(p.name).double() + (t / self.n) * total).round().to(p.out_dtype)
+        out = torch.empty(p.numel, dtype=p.out_dtype, device=self.device)
+        return _blocks.combine(self._w0(p.name), total, t / self.n, out, row)
 
     def _copy_layers(self, live: dict[str, torch.Tensor], reports: dict[str, LayerReport]) -> None:
         """Integer/bool tensors: every replica takes replica 0's values (one broadcast of bytes);
         the report notes a tensor whose values differed on some replica."""
-        copies = [p for p in self.layers if p.rule == "copy"]
+        copies = [p for p in self.layers if isinstance(p.rule, Copy) and p.rule.source == "first"]
         if not copies:
             return
         mine = [live[p.name].contiguous().view(-1).view(torch.uint8) for p in copies]
@@ -319,8 +329,5 @@ class DistributedModelStock(Periodic):
         self._all_reduce([differs], "comparing integer tensors", dist.ReduceOp.MAX)
         for p, d in zip(copies, differs, strict=True):
             note = p.note + ("; values differ across replicas, kept replica 0's" if d else "")
-            reports[p.name] = LayerReport(p.name, list(p.shape), p.rule, _dtype(p), note=note)
+            reports[p.name] = layer_report(p.name, p.shape, p.rule.name, p.out_dtype, note=note)
 
-
-def _dtype(p: LayerPlan) -> str:
-    return str(p.out_dtype).removeprefix("torch.")

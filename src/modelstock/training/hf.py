@@ -93,7 +93,7 @@ class ModelStockCallback(TrainerCallback):
     def _record(self, report, state) -> None:
         self.reports.append(report)
         self._merged_at = self.merger.steps
-        merged = [x for x in report.layers if x.t is not None]
+        merged = [x for x in report.layers if x.t is not None and x.angle_deg is not None]
         if merged:
             state.log_history.append({
                 "modelstock_merge": self.merger.merges, "step": state.global_step,

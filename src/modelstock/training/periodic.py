@@ -8,13 +8,15 @@ the models' own tensors as inputs and a sink that writes the result back into th
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from ..checkpoint import StateDictReader
-from ..engine import MergeOptions, merge_readers
+from ..engine import merge_readers
 from ..errors import ModelStockError
+from ..recipe import Execution, Recipe
 from ..report import MergeReport
 
 UNITS = ("step", "epoch")
@@ -51,25 +53,57 @@ def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def copy_anchor(anchor: Anchor, names: Mapping[str, torch.Tensor],
+def copy_anchor(state: Mapping[str, torch.Tensor], names: Mapping[str, torch.Tensor],
                 device: str | torch.device | None, dtype: torch.dtype | None
-                ) -> dict[str, torch.Tensor]:
+                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """A private copy of the anchor's tensors that the models also have (``names``), on ``device``
-    (None: next to the models) and, for floating tensors, in ``dtype`` (None: as stored)."""
-    state = unwrap(anchor).state_dict() if isinstance(anchor, torch.nn.Module) else anchor
-    if not isinstance(state, Mapping):
-        raise ModelStockError(f"anchor must be an nn.Module or a state dict, got "
-                              f"{type(anchor).__name__}")
+    (None: next to the models) and, for floating tensors, in ``dtype`` (None: as stored).
+
+    Also returns, per tensor that ``dtype`` rounds, ``|w0 - rounded(w0)|^2``: every task vector
+    measured against the rounded anchor carries that same error (see `rounding_bias`)."""
     if dtype is not None and not dtype.is_floating_point:
         raise ModelStockError(f"anchor_dtype must be a floating dtype, got {dtype}")
-    out = {}
+    out, rounding = {}, {}
     for name, value in state.items():
         if not isinstance(value, torch.Tensor) or name not in names:
             continue
         to_dtype = dtype if (dtype is not None and value.is_floating_point()) else value.dtype
         out[name] = value.detach().to(device=device or names[name].device, dtype=to_dtype,
                                       copy=True)
-    return out
+        if to_dtype != value.dtype:
+            err = float((value.detach().double() - out[name].to(value.device).double())
+                        .square().sum())
+            if err > 0:
+                rounding[name] = err
+    return out, rounding
+
+
+# The share of a task vector's squared norm that may be the anchor's rounding error before a
+# merge warns: with a share r, cos moves towards 1 by about r (1 - cos).
+ROUNDING_SHARE = 0.01
+
+
+def rounding_bias(report: MergeReport, rounding: Mapping[str, float]) -> str | None:
+    """A warning when a low-precision anchor biases the merge. Against a rounded anchor every
+    task vector is ``d_i + e`` with the same rounding error ``e`` (``rounding[name]`` holds
+    ``|e|^2``), so each Gram entry gains ``|e|^2`` and cos drifts towards 1 by about
+    ``r (1 - cos)``, ``r = |e|^2 / |d_i + e|^2``. Names the layers where ``r`` exceeds
+    `ROUNDING_SHARE`, with the worst."""
+    biased = []
+    for layer in report.layers:
+        e2 = rounding.get(layer.name)
+        if not e2 or layer.rule != "model_stock" or not layer.norms or min(layer.norms) == 0:
+            continue
+        share = e2 / min(layer.norms) ** 2
+        if share > ROUNDING_SHARE:
+            biased.append((share, layer.name, layer.cos))
+    if not biased:
+        return None
+    share, name, cos = max(biased)
+    return (f"the anchor's rounding (anchor_dtype) is a large part of the task vectors in "
+            f"{len(biased)} layer(s), which biases their cos towards 1; worst {name}: "
+            f"{min(share, 1.0):.0%} of |w_i - w0|^2 is rounding, cos {cos:.3f} measured. "
+            "Keep the anchor in the models' dtype (anchor_dtype=None) for this merge")
 
 
 def anchor_reader(anchor: Mapping[str, torch.Tensor], models: Mapping[str, torch.Tensor]
@@ -87,6 +121,8 @@ def anchor_reader(anchor: Mapping[str, torch.Tensor], models: Mapping[str, torch
 
 class InPlaceSink:
     """An engine sink that writes each merged chunk into the same tensor of every model."""
+
+    holds = 0  # `write` copies the chunk before it returns
 
     def __init__(self, states: Sequence[Mapping[str, torch.Tensor]]) -> None:
         self.states = states
@@ -169,9 +205,14 @@ class PeriodicModelStock(Periodic):
     with ``unit="epoch"``), the floating parameters of all N models are replaced in place by the
     Model Stock merge of their current weights, anchored at ``anchor`` (the pretrained weights;
     an ``nn.Module`` or a state dict, copied once, to ``anchor_device`` and, if given,
-    ``anchor_dtype``). Buffers follow the engine's rules: BatchNorm running statistics are
-    averaged, integer buffers copied from the first model. The result equals the post-hoc merge
+    ``anchor_dtype``). ``buffers`` is the recipe's policy for BatchNorm running statistics
+    (``follow`` their layer's t, keep the ``anchor``'s, or ``average``); integer buffers are
+    copied from the first model. The result equals the post-hoc merge
     (`modelstock.merge_state_dicts`) of the same weights.
+
+    An ``anchor_dtype`` below the models' precision saves memory but puts the same rounding
+    error into every task vector, which pushes cos towards 1 when the task vectors are small;
+    each merge estimates that bias and warns (and says so in its report) where it matters.
 
     ``optimizer_state`` says what happens to ``optimizers`` after a merge: ``"keep"`` leaves their
     state alone (AdamW's moments and step count carry over, so each model continues with its own
@@ -184,27 +225,46 @@ class PeriodicModelStock(Periodic):
                  unit: str = "step", optimizers: Sequence[torch.optim.Optimizer] | None = None,
                  optimizer_state: str = "keep", granularity: str = "tensor", clamp: bool = True,
                  anchor_device: str | torch.device | None = "cpu",
-                 anchor_dtype: torch.dtype | None = None) -> None:
+                 anchor_dtype: torch.dtype | None = None, buffers: str = "follow") -> None:
         super().__init__(period, unit, optimizers, optimizer_state)
         self.models = list(models)
-        if len(self.models) < 2:
+        self.recipe = Recipe(granularity=granularity, clamp=clamp, buffers=buffers)
+        if len(self.models) < self.recipe.min_models:
             raise ModelStockError(f"Model Stock needs at least 2 models, got {len(self.models)}")
-        self.options = MergeOptions(granularity=granularity, clamp=clamp)
-        first = live_tensors(self.models[0])
-        full = unwrap(anchor).state_dict() if isinstance(anchor, torch.nn.Module) else anchor
-        names = unwrap(self.models[0]).state_dict()
-        extra = [k for k, v in full.items() if isinstance(v, torch.Tensor) and k not in names]
-        if extra:
-            raise ModelStockError(f"the anchor has {len(extra)} tensor(s) that the models lack "
-                                  f"(is it the right model?): {', '.join(extra[:5])}")
-        self.anchor = copy_anchor(full, first, anchor_device, anchor_dtype)
+        self.anchor, self.rounding = prepare_anchor(anchor, self.models[0], anchor_device,
+                                                    anchor_dtype)
 
     def _merge(self) -> MergeReport:
         states = [live_tensors(m) for m in self.models]
         device = next(iter(states[0].values())).device
-        opts = dataclasses.replace(self.options, device=str(device))
         models = [StateDictReader(s, f"model {i}") for i, s in enumerate(states)]
         sink = InPlaceSink(states)
-        _, report = merge_readers(anchor_reader(self.anchor, states[0]), models, opts,
-                                  lambda plan: sink)
+        _, report = merge_readers(anchor_reader(self.anchor, states[0]), models, self.recipe,
+                                  Execution(device=str(device)), lambda plan: sink)
+        warn_rounding(report, self.rounding)
         return report
+
+
+def prepare_anchor(anchor: Anchor, model: torch.nn.Module,
+                   device: str | torch.device | None, dtype: torch.dtype | None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """`copy_anchor` of the tensors ``model`` trains, after checking that the anchor has no
+    tensor the model lacks (a sign of the wrong anchor)."""
+    full = unwrap(anchor).state_dict() if isinstance(anchor, torch.nn.Module) else anchor
+    if not isinstance(full, Mapping):
+        raise ModelStockError(f"anchor must be an nn.Module or a state dict, got "
+                              f"{type(anchor).__name__}")
+    names = unwrap(model).state_dict()
+    extra = [k for k, v in full.items() if isinstance(v, torch.Tensor) and k not in names]
+    if extra:
+        raise ModelStockError(f"the anchor has {len(extra)} tensor(s) that the model lacks "
+                              f"(is it the right model?): {', '.join(extra[:5])}")
+    return copy_anchor(full, live_tensors(model), device, dtype)
+
+
+def warn_rounding(report: MergeReport, rounding: Mapping[str, float]) -> None:
+    """Add `rounding_bias`'s warning, if any, to the report and to Python's warnings."""
+    message = rounding_bias(report, rounding) if rounding else None
+    if message:
+        report.warnings.append(message)
+        warnings.warn(f"modelstock: {message}", RuntimeWarning, stacklevel=3)
