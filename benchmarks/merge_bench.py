@@ -11,6 +11,8 @@ a float64 reference merge.
     python benchmarks/merge_bench.py --layers 22 --models 2 --dtype bfloat16 \
         --mergekit-venv /work/mergekit-venv --repeats 3
 
+``--baseline-src DIR`` adds another checkout's merge to the same rounds (engine before/after).
+
 mergekit in its own virtualenv (it pins its own dependencies):
     python3 -m venv /work/mergekit-venv
     /work/mergekit-venv/bin/pip install torch==2.13.0   # the CPU build, from local disk
@@ -153,6 +155,9 @@ def main() -> None:
     ap.add_argument("--modelstock-args", default="", help="extra args for modelstock merge")
     ap.add_argument("--torch-path", action="store_true",
                     help="also run our merge without the C loops (MODELSTOCK_KERNELS=0)")
+    ap.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
+                    help="also run the merge of another checkout's src/ (e.g. an older commit "
+                         "in a git worktree, its C loops built in place): same rounds")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     dirs = build_models(args.workdir, args.layers, args.models, dtype)
@@ -175,6 +180,9 @@ def main() -> None:
     }
     if args.torch_path:
         runners["torch-path"] = lambda out: (*our_merge(out), {"MODELSTOCK_KERNELS": "0"})
+    if args.baseline_src is not None:
+        runners["baseline"] = lambda out: (*our_merge(out),
+                                           {"PYTHONPATH": str(args.baseline_src.resolve())})
     mk_bin = args.mergekit_venv / "bin" / "mergekit-yaml" if args.mergekit_venv else None
     if mk_bin is not None and mk_bin.exists():
         cfg = out_root / "mergekit.yml"
@@ -197,7 +205,7 @@ def main() -> None:
             py_, kind, target, argv, *extra = make(out)
             results[name].append(run_measured(py_, kind, target, argv,
                                               env=env | (extra[0] if extra else {})))
-            if r < args.repeats - 1 or name.startswith(("floor", "torch")):
+            if r < args.repeats - 1 or name.startswith(("floor", "torch", "baseline")):
                 shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(
                     missing_ok=True)
             print(f"round {r} {name:10s} wall {results[name][-1][0]:7.2f} s  "
@@ -211,7 +219,7 @@ def main() -> None:
         print(f"  {k:10s} wall {w:7.2f} s   peak RSS {m:7.0f} MiB")
     ours = med["modelstock"]
     # Ratios per round too: the runners of one round ran seconds apart, at one machine speed.
-    for k in [k for k in ("torch-path", "floor", "floor-direct") if k in med]:
+    for k in [k for k in ("baseline", "torch-path", "floor", "floor-direct") if k in med]:
         per_round = [a[0] / b[0] for a, b in zip(results["modelstock"], results[k], strict=True)]
         print(f"  ours/{k:13s} wall {ours[0] / med[k][0]:.2f}x (ratio of medians); per round "
               f"{' '.join(f'{x:.2f}' for x in per_round)}, median "
