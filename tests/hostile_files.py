@@ -226,10 +226,16 @@ def code_exec_zip(d: Path) -> Path:
 
 
 def _index(d: Path, weight_map: dict[str, str], shards: dict[str, dict] | None = None) -> Path:
+    """An index and its shards: ``.safetensors`` files (and the safetensors index), or, where
+    the shards are named ``*.bin``, ``torch.save`` files and ``pytorch_model.bin.index.json``."""
     d.mkdir(parents=True, exist_ok=True)
     for name, state in (shards or {}).items():
-        save_file(state, d / name)
-    path = d / "model.safetensors.index.json"
+        if name.endswith(".bin"):
+            torch.save(state, d / name)
+        else:
+            save_file(state, d / name)
+    bins = shards and all(name.endswith(".bin") for name in shards)
+    path = d / ("pytorch_model.bin.index.json" if bins else "model.safetensors.index.json")
     path.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
 
@@ -269,6 +275,20 @@ def index_names_itself(d: Path) -> Path:
 
 def index_shard_lacks_tensor(d: Path) -> Path:
     return _index(d, {"w": "a.safetensors"}, {"a.safetensors": {"other": torch.zeros(2)}})
+
+
+def index_tensor_in_two_shards(d: Path, fmt: str = "safetensors") -> Path:
+    """``w`` is where the index places it (a) and also in another shard it names (b)."""
+    return _index(d, {"w": f"a.{fmt}", "v": f"b.{fmt}"},
+                  {f"a.{fmt}": {"w": torch.zeros(2)},
+                   f"b.{fmt}": {"v": torch.zeros(2), "w": torch.ones(2)}})
+
+
+def index_unlisted_tensor_in_two_shards(d: Path, fmt: str = "safetensors") -> Path:
+    """``w`` is in both shards and the index names neither."""
+    return _index(d, {"u": f"a.{fmt}", "v": f"b.{fmt}"},
+                  {f"a.{fmt}": {"u": torch.zeros(2), "w": torch.zeros(2)},
+                   f"b.{fmt}": {"v": torch.zeros(2), "w": torch.ones(2)}})
 
 
 def index_malformed(d: Path) -> Path:
@@ -313,7 +333,8 @@ HOSTILE: dict[str, Callable[[Path], Path]] = {f.__name__: f for f in [
     shape_overflows, empty_safetensors, empty_bin, garbage_bin, not_a_state_dict,
     truncated_zip_pt, code_exec_pickle, code_exec_raw_pickle, code_exec_zip, index_absolute_path,
     index_dotdot, index_symlink_outside, index_missing_shard, index_names_itself,
-    index_shard_lacks_tensor, index_malformed, index_null_byte, index_lone_surrogate,
+    index_shard_lacks_tensor, index_tensor_in_two_shards, index_unlisted_tensor_in_two_shards,
+    index_malformed, index_null_byte, index_lone_surrogate,
     empty_index, dir_without_weights, empty_dir, fifo,
 ]}
 # Builders whose payload would run code (creating ``d / "PWNED"``) if it were unpickled.

@@ -22,7 +22,16 @@ from safetensors.torch import save_file
 
 from modelstock import ModelStockError, merge_checkpoints, merge_state_dicts, open_checkpoint
 from modelstock.cli import main
-from tests.hostile_files import CODE_EXEC, HOSTILE, cli_env, family, save_dir, valid_models
+from tests.hostile_files import (
+    CODE_EXEC,
+    HOSTILE,
+    cli_env,
+    family,
+    index_tensor_in_two_shards,
+    index_unlisted_tensor_in_two_shards,
+    save_dir,
+    valid_models,
+)
 
 # The cases the real CLI runs in subprocesses (about 3 s of CPU each, run concurrently).
 SUBPROCESS_CASES = ["truncated_safetensors", "duplicate_names", "index_dotdot", "code_exec_pickle"]
@@ -127,6 +136,29 @@ def test_real_cli_refuses(case: str, subprocess_results) -> None:
             if p.name == "out" or p.name.startswith(".out.")]
     assert not left, "output or temp left behind"
     assert not (bad.parent / "PWNED").exists()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("build, why", [
+    pytest.param(index_tensor_in_two_shards, "as well as in a.{fmt}, where the index places it",
+                 id="indexed"),
+    pytest.param(index_unlisted_tensor_in_two_shards,
+                 "in two shards, a.{fmt} and b.{fmt}, and the index names neither",
+                 id="unindexed"),
+])
+def test_tensor_in_two_shards_is_refused_naming_both(build, why: str, fmt: str,
+                                                     tmp_path: Path) -> None:
+    """Sharded safetensors and sharded ``.bin`` alike: a tensor that two shards hold is not
+    resolved by taking one copy (from_pretrained keeps the last shard it loads)."""
+    index = build(tmp_path, fmt)
+    assert index.name == ("model.safetensors.index.json" if fmt == "safetensors"
+                          else "pytorch_model.bin.index.json")
+    with pytest.raises(ModelStockError) as info:
+        open_checkpoint(tmp_path)
+    check_one_line(str(info.value), index)
+    assert "tensor 'w': " in str(info.value)
+    assert why.format(fmt=fmt) in str(info.value)
+    assert f"b.{fmt}" in str(info.value)
 
 
 @pytest.mark.parametrize("case", sorted(CODE_EXEC))

@@ -159,9 +159,10 @@ def test_hugging_face_directory_round_trip(tmp_path: Path) -> None:
     assert config_out.get("torch_dtype", config_out.get("dtype")) == "bfloat16"
     loaded = transformers.BertModel.from_pretrained(out, dtype=torch.bfloat16)
     merged = load_file(out / "model.safetensors")
-    for k, v in loaded.state_dict().items():
-        if k in merged:
-            assert torch.equal(v, merged[k]), k
+    state = loaded.state_dict()
+    assert merged.keys() <= state.keys()  # every merged tensor was loaded, none skipped
+    for k in merged:
+        assert torch.equal(state[k], merged[k]), k
     saved = json.loads((out / "modelstock_report.json").read_text())
     assert saved["method"] == "model-stock" and saved["n_models"] == 2
     assert len(saved["layers"]) == len(report.layers)
@@ -186,3 +187,89 @@ def test_dtype_preserved_per_tensor(tmp_path: Path) -> None:
     assert merged["a"].dtype == torch.float16 and merged["b"].dtype == torch.float32
     assert merged["steps"].dtype == torch.int32 and torch.equal(merged["steps"], sds[1]["steps"])
     assert torch.equal(merged["mask"], sds[1]["mask"])
+
+
+# -- what the shards hold beyond the index (issue: nothing may be dropped silently) ----------
+SHARDED = {"safetensors": (save_sharded_safetensors, SAFETENSORS_INDEX),
+           "bin": (save_sharded_bin, "pytorch_model.bin.index.json")}
+
+
+def unindex(directory: Path, index_name: str, name: str) -> str:
+    """Leave ``name`` out of the index's weight_map (its shard still holds it); its shard."""
+    path = directory / index_name
+    index = json.loads(path.read_text())
+    shard = index["weight_map"].pop(name)
+    index.setdefault("metadata", {})  # transformers' from_pretrained wants the key
+    path.write_text(json.dumps(index))
+    return shard
+
+
+@pytest.mark.parametrize("fmt", list(SHARDED))
+def test_tensor_in_a_shard_but_not_in_the_index_is_merged(tmp_path: Path, fmt: str) -> None:
+    """Such a tensor is part of the checkpoint (``from_pretrained`` loads it too: see the next
+    test): it is read, and merged like any other, in every input (anchor and fine-tunes)."""
+    save, index_name = SHARDED[fmt]
+    sds = make_finetunes(SHAPES, n=2)
+    expected, _ = merge_state_dicts(sds[0], sds[1:])
+    for i, sd in enumerate(sds):
+        save(sd, tmp_path / f"m{i}")
+        unindex(tmp_path / f"m{i}", index_name, "layer.0.bias")
+    reader = open_checkpoint(tmp_path / "m1")
+    try:
+        assert set(reader.infos) == set(SHAPES)
+        assert torch.equal(reader.read("layer.0.bias"), sds[1]["layer.0.bias"])
+    finally:
+        reader.close()
+    merge_checkpoints(tmp_path / "m0", [tmp_path / "m1", tmp_path / "m2"], tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("fmt", list(SHARDED))
+def test_unindexed_tensor_read_as_from_pretrained_reads_it(tmp_path: Path, fmt: str) -> None:
+    """The reference for the rule above: transformers loads every tensor of the shards an index
+    names, listed or not (an unknown name is an "unexpected key"); we read the same set."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=32)
+    torch.manual_seed(0)
+    sd = {k: v.clone() for k, v in transformers.BertModel(config).state_dict().items()}
+    sd["pooler.dense.weight"].fill_(7.0)
+    sd["extra.tensor"] = torch.ones(3)
+    save, index_name = SHARDED[fmt]
+    if fmt == "safetensors":
+        save(sd, tmp_path / "m", per_shard=8)
+    else:
+        save(sd, tmp_path / "m")
+    config.save_pretrained(tmp_path / "m")
+    unindex(tmp_path / "m", index_name, "pooler.dense.weight")
+    unindex(tmp_path / "m", index_name, "extra.tensor")
+    model, info = transformers.BertModel.from_pretrained(tmp_path / "m",
+                                                         output_loading_info=True)
+    assert not info["missing_keys"] and info["unexpected_keys"] == {"extra.tensor"}
+    assert torch.equal(model.pooler.dense.weight, sd["pooler.dense.weight"])
+    reader = open_checkpoint(tmp_path / "m")
+    try:
+        assert set(reader.infos) == set(sd)
+        assert torch.equal(reader.read("pooler.dense.weight").view(16, 16),
+                           sd["pooler.dense.weight"])
+    finally:
+        reader.close()
+
+
+def test_two_index_names_for_one_shard_file_are_not_a_duplicate(tmp_path: Path) -> None:
+    """``a.safetensors`` and ``./a.safetensors`` are one file, read once: its tensors are not
+    "in two shards"."""
+    sds = make_finetunes({"a": (4,), "b": (4,)}, n=1)
+    (tmp_path / "m").mkdir()
+    save_file(sds[0], tmp_path / "m" / "a.safetensors")
+    (tmp_path / "m" / SAFETENSORS_INDEX).write_text(json.dumps(
+        {"weight_map": {"a": "a.safetensors", "b": "./a.safetensors"}}))
+    reader = open_checkpoint(tmp_path / "m")
+    try:
+        assert list(reader.infos) == ["a", "b"]
+        assert torch.equal(reader.read("b"), sds[0]["b"])
+    finally:
+        reader.close()

@@ -137,7 +137,14 @@ def _state_dict_of(path: str, obj) -> dict[str, torch.Tensor]:
 
 
 class ShardedReader:
-    """A Hugging Face sharded checkpoint described by an index JSON (``weight_map``)."""
+    """A Hugging Face sharded checkpoint described by an index JSON (``weight_map``).
+
+    The checkpoint is every tensor in the shard files the index names, as ``from_pretrained``
+    loads it (transformers reads whole shards and uses the index only to list them): a tensor
+    a shard holds but ``weight_map`` leaves out is included, after the indexed ones. A tensor
+    found in two shards is refused, naming both: transformers would silently keep whichever
+    shard it loads last, even against the index.
+    """
 
     def __init__(self, index_path: str | os.PathLike, trust_pickle: bool = False) -> None:
         self.path = str(index_path)
@@ -154,16 +161,35 @@ class ShardedReader:
         root = Path(os.path.abspath(self.path)).parent
         self._shards: dict[str, Reader] = {}
         self._where: dict[str, Reader] = {}
+        opened: dict[Path, tuple[str, Reader]] = {}  # by file: two names may reach one file
         try:
             for name, shard in weight_map.items():
                 if shard not in self._shards:
                     target = _inside(root, shard, self.path, name)
-                    self._shards[shard] = _open_file(target, trust_pickle, index_ok=False)
+                    if target not in opened:
+                        opened[target] = (shard, _open_file(target, trust_pickle,
+                                                            index_ok=False))
+                    self._shards[shard] = opened[target][1]
                 reader = self._shards[shard]
                 if name not in reader.infos:
                     raise ModelStockError(f"the index places this tensor in {shard}, which "
                                           "lacks it", self.path, name)
                 self._where[name] = reader
+            # What the shards hold beyond weight_map is part of the checkpoint, as it is for
+            # from_pretrained; only a tensor in two shards is ambiguous.
+            shard_name = {id(r): s for s, r in opened.values()}
+            for shard, reader in opened.values():
+                for name in reader.infos:
+                    first = self._where.setdefault(name, reader)
+                    if first is reader:
+                        continue
+                    if name in weight_map:
+                        raise ModelStockError(f"tensor is in {shard} as well as in "
+                                              f"{weight_map[name]}, where the index places it; "
+                                              "refusing to choose", self.path, name)
+                    raise ModelStockError(f"tensor is in two shards, {shard_name[id(first)]} "
+                                          f"and {shard}, and the index names neither; "
+                                          "refusing to choose", self.path, name)
         except BaseException:
             self.close()
             raise
@@ -176,7 +202,7 @@ class ShardedReader:
         self._where[name].release(name, start, stop)
 
     def close(self) -> None:
-        for r in self._shards.values():
+        for r in {id(r): r for r in self._shards.values()}.values():
             r.close()
 
 
