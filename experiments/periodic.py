@@ -14,7 +14,12 @@ from .textmodel import state_dict_copy
 
 
 def periodic_available() -> bool:
-    """Whether this version of the library has `modelstock.training.PeriodicModelStock`."""
+    """Whether this version of the library has `modelstock.training.PeriodicModelStock`.
+
+    It always has, since the library ships `modelstock.training`: this switch is dead. Only
+    `experiments.demo` and `experiments.clip_imagenet` still ask; remove it with their
+    branches. (Their tests assert the periodic rows are produced, so it cannot hide a loss.)
+    """
     if importlib.util.find_spec("modelstock.training") is None:
         return False
     from modelstock import training

