@@ -281,8 +281,6 @@ def dry_run(out: Path, classes: int = 8, log: Callable[[str], None] = print) -> 
 
     from modelstock.cli import main as modelstock_cli
 
-    from .periodic import periodic_available
-
     torch.manual_seed(0)
     recipe = Recipe(model="tiny", lr=1e-3, batch_size=16, epochs=1, warmup_steps=2, workers=0)
     tower = TinyTower()
@@ -312,9 +310,8 @@ def dry_run(out: Path, classes: int = 8, log: Callable[[str], None] = print) -> 
     if res.exit_code != 0:
         raise RuntimeError(f"modelstock merge failed: {res.output}")
     ckpts = [out / "zeroshot", out / "ft-s0", out / "ft-s1", out / "model-stock"]
-    if periodic_available():
-        ckpts.append(periodic(make_model, out / "zeroshot", (0, 1), train_ds, recipe, "cpu",
-                              period=4, unit="step", optimizer_state="keep", out=out))
+    ckpts.append(periodic(make_model, out / "zeroshot", (0, 1), train_ds, recipe, "cpu",
+                          period=4, unit="step", optimizer_state="keep", out=out))
     sets = {"imagenet": (synthetic(128, classes, seed=2), None),
             "shift_noise": (synthetic(128, classes, seed=3, noise=1.5), None),
             "shift_subset": (synthetic(128, classes // 2, seed=4), list(range(classes // 2)))}

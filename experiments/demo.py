@@ -23,7 +23,7 @@ import torch
 from .evaluation import EvalSuite, SplitSizes, format_table, make_splits
 from .finetune import TrainConfig, train_lockstep
 from .merges import Evaluator, merge
-from .periodic import periodic_available, train_periodic
+from .periodic import train_periodic
 from .plots import figure1
 from .textmodel import load_tokenizer, state_dict_copy, zero_shot_model
 from .tweets import OOD_TOPICS, load_topics
@@ -73,17 +73,12 @@ def run(cfg: TrainConfig = DEMO, out: Path = Path("runs/demo"), seeds: tuple[int
     ts = [x.t for x in report.layers if x.t is not None and x.rule == "model_stock"]
     rows.append(evaluate("Model Stock (post hoc, N=2)", sd, kind="model-stock",
                          t_mean=sum(ts) / len(ts)))
-    if periodic_available():
-        t = time.perf_counter()
-        log(f"periodic Model Stock: 2 models in lockstep, merged every {PERIOD_STEPS} steps")
-        sd = train_periodic(cfg, seeds, tok, fresh, splits["train"], period=PERIOD_STEPS,
-                            unit="step")
-        timings["periodic training"] = round(time.perf_counter() - t, 1)
-        rows.append(evaluate(f"Model Stock (periodic, every {PERIOD_STEPS} steps)", sd,
-                             kind="periodic", period=PERIOD_STEPS))
-    else:
-        log("periodic Model Stock: skipped (modelstock.training.PeriodicModelStock is not in "
-            "this version of the library)")
+    t = time.perf_counter()
+    log(f"periodic Model Stock: 2 models in lockstep, merged every {PERIOD_STEPS} steps")
+    sd = train_periodic(cfg, seeds, tok, fresh, splits["train"], period=PERIOD_STEPS, unit="step")
+    timings["periodic training"] = round(time.perf_counter() - t, 1)
+    rows.append(evaluate(f"Model Stock (periodic, every {PERIOD_STEPS} steps)", sd,
+                         kind="periodic", period=PERIOD_STEPS))
     timings["total"] = round(time.perf_counter() - start, 1)
     ft_row = rows[1]
     curve_rows = [rows[0], *curve, ft_row | {"kind": "fine-tune", "alpha": 1.0}]

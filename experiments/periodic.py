@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Sequence
 
 import torch
@@ -11,20 +10,6 @@ from .evaluation import Example
 from .finetune import TrainConfig, make_optimizer, train_lockstep
 from .merges import merge
 from .textmodel import state_dict_copy
-
-
-def periodic_available() -> bool:
-    """Whether this version of the library has `modelstock.training.PeriodicModelStock`.
-
-    It always has, since the library ships `modelstock.training`: this switch is dead. Only
-    `experiments.demo` and `experiments.clip_imagenet` still ask; remove it with their
-    branches. (Their tests assert the periodic rows are produced, so it cannot hide a loss.)
-    """
-    if importlib.util.find_spec("modelstock.training") is None:
-        return False
-    from modelstock import training
-
-    return hasattr(training, "PeriodicModelStock")
 
 
 def train_periodic(cfg: TrainConfig, seeds: Sequence[int], tokenizer,
