@@ -220,10 +220,13 @@ def test_tensor_in_a_shard_but_not_in_the_index_is_merged(tmp_path: Path, fmt: s
         assert torch.equal(reader.read("layer.0.bias"), sds[1]["layer.0.bias"])
     finally:
         reader.close()
-    merge_checkpoints(tmp_path / "m0", [tmp_path / "m1", tmp_path / "m2"], tmp_path / "out")
+    report = merge_checkpoints(tmp_path / "m0", [tmp_path / "m1", tmp_path / "m2"],
+                               tmp_path / "out")
     merged = load_file(tmp_path / "out" / "model.safetensors")
     assert merged.keys() == expected.keys()
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    named = [w for w in report.warnings if "not in its weight_map" in w]
+    assert len(named) == 3 and all("layer.0.bias" in w for w in named)  # said, not silent
 
 
 @pytest.mark.parametrize("fmt", list(SHARDED))

@@ -48,6 +48,7 @@ def _open_all(anchor: Source, models: Sequence[Source], trust_pickle: bool,
         for src in [anchor, *models]:
             opened.append(open_checkpoint(src, trust_pickle, strip_prefix))
         aligned, notes = align_ties(opened[0], opened[1:], [anchor, *models])
+        notes = [w for r in opened for w in getattr(r, "warnings", ())] + notes
     except BaseException:
         for r in opened:
             r.close()

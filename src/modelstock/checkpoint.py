@@ -34,6 +34,7 @@ WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 class Reader(Protocol):
     path: str
     infos: dict[str, TensorInfo]
+    # A reader may also have ``warnings``: what it decided while opening, for the merge report.
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor: ...
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None: ...
@@ -194,6 +195,10 @@ class ShardedReader:
             self.close()
             raise
         self.infos = {name: self._where[name].infos[name] for name in self._where}
+        unindexed = [k for k in self.infos if k not in weight_map]
+        self.warnings = [] if not unindexed else [
+            f"{self.path}: {len(unindexed)} tensor(s) in its shards are not in its weight_map "
+            f"and were read as from_pretrained reads them: {', '.join(unindexed[:5])}"]
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self._where[name].read(name, start, stop)
