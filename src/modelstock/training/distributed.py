@@ -15,6 +15,7 @@ and the paper's mean of pairwise cosines costs one all-reduce of ``sum_i u_i`` b
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from collections.abc import Sequence
 from datetime import timedelta
@@ -40,6 +41,39 @@ def replica_group(ranks_per_replica: int) -> dist.ProcessGroup:
     ranks), to pass to ``DistributedDataParallel(process_group=...)``. Call on every rank."""
     group, _ = dist.new_subgroups(group_size=ranks_per_replica)
     return group
+
+
+# What torchrun exports; trainers (the Hugging Face Trainer through accelerate, Lightning's
+# TorchElasticEnvironment) read these to make one distributed run of all processes.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                      "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "NODE_RANK",
+                      "TORCHELASTIC_RUN_ID")
+
+
+def join_replica_group(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> int:
+    """Join torchrun's process group (for the merges), then hide torchrun's variables, so that
+    a trainer in this process trains its own model (a replica) instead of joining all processes
+    into one data-parallel model. On GPU, the process's local GPU becomes its only visible
+    device (call this before anything touches CUDA). Returns this process's replica index."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ModelStockError("RANK/WORLD_SIZE are not set: launch with torchrun "
+                              "--nproc-per-node N (one process per replica)")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        if torch.cuda.is_initialized():
+            raise ModelStockError("init_replica_process_group must run before CUDA is used")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in
+                                                      range(torch.cuda.device_count())]
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[local % len(devices)]
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout))
+    for name in LAUNCHER_VARIABLES:
+        os.environ.pop(name, None)
+    return rank
 
 
 def _seconds(timeout: float | timedelta) -> float:

@@ -13,47 +13,21 @@ Launch N processes with ``torchrun --nproc-per-node N train.py``; in ``train.py`
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
-
 import torch
-import torch.distributed as dist
 from transformers import TrainerCallback
 
-from ..errors import ModelStockError
-from .distributed import DEFAULT_TIMEOUT_S, DistributedModelStock
+from .distributed import DEFAULT_TIMEOUT_S, DistributedModelStock, join_replica_group
 from .periodic import Anchor
-
-# What torchrun exports; the Trainer (through accelerate) reads these to set up one DDP model.
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                      "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE")
 
 
 def init_replica_process_group(backend: str | None = None,
                                timeout: float = DEFAULT_TIMEOUT_S) -> int:
     """Join torchrun's process group, then hide torchrun's variables from the ``Trainer`` so that
-    each process trains its own model (a replica) instead of all processes sharing one DDP model.
-    On GPU, each process is given its local GPU as its only visible device (call this before
-    anything touches CUDA). Returns this process's replica index (its rank)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise ModelStockError("RANK/WORLD_SIZE are not set: launch with torchrun "
-                              "--nproc-per-node N (one process per replica)")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        if torch.cuda.is_initialized():
-            raise ModelStockError("init_replica_process_group must run before CUDA is used")
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        devices = visible.split(",") if visible else [str(i) for i in
-                                                      range(torch.cuda.device_count())]
-        os.environ["CUDA_VISIBLE_DEVICES"] = devices[local % len(devices)]
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout))
-    for name in LAUNCHER_VARIABLES:
-        os.environ.pop(name, None)
-    return rank
+    each process trains its own model (a replica) instead of all processes sharing one DDP model
+    (`join_replica_group`). On GPU, each process is given its local GPU as its only visible
+    device (call this before anything touches CUDA). Returns this process's replica index (its
+    rank)."""
+    return join_replica_group(backend, timeout)
 
 
 class ModelStockCallback(TrainerCallback):

@@ -26,55 +26,29 @@ Lightning's rank zero, so that each process trains, logs and checkpoints its own
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from datetime import timedelta
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from ..errors import ModelStockError
 from ..report import MergeReport
-from .distributed import DEFAULT_TIMEOUT_S, DistributedModelStock
+from .distributed import DEFAULT_TIMEOUT_S, DistributedModelStock, join_replica_group
 from .periodic import UNITS, Anchor
-
-# What torchrun exports; Lightning reads these (TorchElasticEnvironment, LightningEnvironment,
-# rank_zero_only) to make one distributed run of all processes.
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                      "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "NODE_RANK",
-                      "TORCHELASTIC_RUN_ID")
 
 
 def init_replica_process_group(backend: str | None = None,
                                timeout: float = DEFAULT_TIMEOUT_S) -> int:
     """Join torchrun's process group, then hide torchrun from Lightning so that each process
     trains its own model (a replica) instead of all processes sharing one DDP model: the
-    launcher's variables are removed from the environment and this process becomes Lightning's
-    rank zero (it logs and saves checkpoints; give each replica its own ``default_root_dir``).
-    On GPU, each process is given its local GPU as its only visible device (call this before
-    anything touches CUDA; then use ``Trainer(devices=1)``). Returns this process's replica
-    index (its rank)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise ModelStockError("RANK/WORLD_SIZE are not set: launch with torchrun "
-                              "--nproc-per-node N (one process per replica)")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        if torch.cuda.is_initialized():
-            raise ModelStockError("init_replica_process_group must run before CUDA is used")
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        devices = visible.split(",") if visible else [str(i) for i in
-                                                      range(torch.cuda.device_count())]
-        os.environ["CUDA_VISIBLE_DEVICES"] = devices[local % len(devices)]
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout))
-    for name in LAUNCHER_VARIABLES:
-        os.environ.pop(name, None)
+    launcher's variables are removed from the environment (`join_replica_group`) and this
+    process becomes Lightning's rank zero (it logs and saves checkpoints; give each replica its
+    own ``default_root_dir``). On GPU, each process is given its local GPU as its only visible
+    device (call this before anything touches CUDA; then use ``Trainer(devices=1)``). Returns
+    this process's replica index (its rank)."""
+    rank = join_replica_group(backend, timeout)
     # Lightning set this from RANK when it was imported (above); every replica is rank zero.
     rank_zero_only.rank = 0
     return rank
