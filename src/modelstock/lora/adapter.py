@@ -297,7 +297,8 @@ def lora_adapter_from_state_dict(state: Mapping[str, torch.Tensor], config: Mapp
             if m is not None:
                 what = "DoRA's magnitude vector" if "magnitude" in m.group(1) else \
                     f"{m.group(1)} is not a plain LoRA factor"
-                raise ModelStockError(f"{what}; refusing", wpath, key)
+                raise ModelStockError(f"module '{key[len(PREFIX) : m.start()]}': {what} "
+                                      f"({key}); refusing", wpath)
             dense[key] = value
             continue
         name, kind, which = found

@@ -139,7 +139,7 @@ class LoraMerge:
             except BaseException:
                 writer.abort()
                 raise
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.config, indent=2, sort_keys=True)
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config, indent=2)
                                            + "\n")
             first = Path(self.sources[0]) if self.sources else None
             if first is not None and first.is_dir():
@@ -250,11 +250,8 @@ def _dense(ads: Sequence[LoraAdapter], base: Reader | None, module_names: set[st
         ref = vals[present[0]]
         name = key.removeprefix(PREFIX)
         bkey = base_key(key)
-        owner = bkey.rsplit(".", 1)[0]
-        if owner in module_names:
-            raise ModelStockError(f"'{owner}' is a LoRA module in another adapter but saved "
-                                  f"whole here ({key}); refusing to mix the two", ads[present[0]]
-                                  .path)
+        owner, _, leaf = bkey.rpartition(".")
+        mixed = owner in module_names and leaf == "weight"  # e.g. an embedding saved whole
         for i in present:
             if vals[i].shape != ref.shape:
                 raise ModelStockError(f"is {list(vals[i].shape)} here but {list(ref.shape)} in "
@@ -267,12 +264,23 @@ def _dense(ads: Sequence[LoraAdapter], base: Reader | None, module_names: set[st
                                       f"adapter's is {list(ref.shape)}", base.path, key)
             anchor = base.read(bkey).view(info.shape)
         shape = tuple(ref.shape)
-        same = len(present) == len(ads) and all(
-            vals[i].dtype == ref.dtype and torch.equal(vals[i], ref) for i in present)
-        if same or not ref.dtype.is_floating_point:
-            note = "identical in every adapter" if same else \
-                "not floating point: the first adapter's values"
+        same = all(vals[i].dtype == ref.dtype and torch.equal(vals[i], ref) for i in present)
+        everywhere = len(present) == len(ads)
+        others = [i for i in range(len(ads)) if i not in present]
+        if not ref.dtype.is_floating_point:
+            layers.append(_Layer(name, shape, "copy", key=key, values=vals,
+                                 note="not floating point: the first adapter's values"))
+        elif same and (everywhere or (anchor is None and ".base_layer." in key)
+                       or (anchor is not None and torch.equal(anchor.to(ref.dtype), ref))):
+            # a frozen base layer PEFT saved whole (an adapted embedding), or equal values
+            note = "identical in every adapter" if everywhere else \
+                f"identical where saved (not by adapter(s) {others}): a frozen base layer"
             layers.append(_Layer(name, shape, "copy", key=key, values=vals, note=note))
+        elif mixed:
+            raise ModelStockError(f"'{owner}' is LoRA-adapted and its weight is also saved "
+                                  "whole, with values that differ between the adapters: the "
+                                  "two parts would get separate ratios; refusing",
+                                  ads[present[-1]].path, key)
         elif anchor is not None:
             if not anchor.dtype.is_floating_point:
                 raise ModelStockError(f"the base's '{bkey}' is {anchor.dtype}, the adapters' "
@@ -514,14 +522,11 @@ def _merge_dense(layer: _Layer, n: int) -> torch.Tensor:
 
 
 def _pattern(names_ranks: dict[str, int], default: int) -> dict[str, int]:
-    """``rank_pattern`` for the modules whose rank is not ``default``: exact names (escaped),
-    longest first, plus any default-rank module that a shorter key would also match (PEFT
-    matches ``(.*\\.)?(key)$`` and takes the first key that does)."""
-    pat = {k: r for k, r in names_ranks.items() if r != default}
-    for k, r in names_ranks.items():
-        if k not in pat and any(k.endswith("." + p) for p in pat):
-            pat[k] = r
-    return {re.escape(k): pat[k] for k in sorted(pat, key=len, reverse=True)}
+    """``rank_pattern`` for the modules whose rank is not ``default``, one exact key each:
+    PEFT matches ``(.*\\.)?(key)$`` and takes the first key that does, so a bare name would
+    also catch every module whose name ends with ``.name``; ``^`` + the escaped name matches
+    that module alone, whatever the order of the keys."""
+    return {"^" + re.escape(k): r for k, r in names_ranks.items() if r != default}
 
 
 def _agreed(values: Sequence) -> object:
