@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, hub
 from .checkpoint import Reader, open_checkpoint
 from .engine import DictSink, merge_readers
 from .output import (
@@ -39,15 +39,40 @@ def _options(options: Recipe | None, kwargs: dict) -> MergeOptions:
     return options if isinstance(options, MergeOptions) else MergeOptions.of(options)
 
 
+def _locate(sources: Sequence[Source], progress: bool = True
+            ) -> tuple[list[Source], list[str | None]]:
+    """Hub ids (``org/name[@revision]``, see `hub.resolve`) become local snapshot directories,
+    fetched first if need be; every other input is kept. Also returns, per input, the id as
+    written (``None`` for the rest): what the report and the model card record."""
+    local: list[Source] = []
+    labels: list[str | None] = []
+    for src in sources:
+        is_id = hub.is_hub_id(src)
+        local.append(hub.resolve(src, progress=progress) if is_id else src)  # type: ignore[arg-type]
+        labels.append(src if is_id else None)  # type: ignore[arg-type]
+    return local, labels
+
+
 def _open_all(anchor: Source, models: Sequence[Source], trust_pickle: bool,
-              strip_prefix: str | None) -> tuple[Reader, list[Reader], list[str]]:
+              strip_prefix: str | None, progress: bool = True,
+              labels: Sequence[str | None] | None = None
+              ) -> tuple[Reader, list[Reader], list[str]]:
     """Open every input; the fine-tunes are presented with the anchor's tied embeddings
-    (`ties.align_ties`), whose decisions come back as warnings for the report."""
+    (`ties.align_ties`), whose decisions come back as warnings for the report.
+
+    Hub ids are resolved first (`_locate`; ``progress``: the download bars) and their readers
+    named by the id as written. A caller that resolved already passes the local sources and
+    their ``labels``."""
+    sources = [anchor, *models]
+    if labels is None:
+        sources, labels = _locate(sources, progress)
     opened: list[Reader] = []
     try:
-        for src in [anchor, *models]:
+        for src, label in zip(sources, labels, strict=True):
             opened.append(open_checkpoint(src, trust_pickle, strip_prefix))
-        aligned, notes = align_ties(opened[0], opened[1:], [anchor, *models])
+            if label is not None:
+                opened[-1].path = label
+        aligned, notes = align_ties(opened[0], opened[1:], sources)
         notes = [w for r in opened for w in getattr(r, "warnings", ())] + notes
     except BaseException:
         for r in opened:
@@ -62,11 +87,12 @@ def merge_state_dicts(anchor: Source, models: Sequence[Source],
                       **kwargs) -> tuple[dict[str, torch.Tensor], MergeReport]:
     """Merge in memory; returns the merged state dict and the per-layer report.
 
-    ``anchor`` and each of ``models`` may be a state dict, an ``nn.Module`` or a checkpoint path.
+    ``anchor`` and each of ``models`` may be a state dict, an ``nn.Module``, a checkpoint path
+    or a Hugging Face Hub id (``org/name`` or ``org/name@revision``; see `modelstock.hub`).
     Keyword options are those of `MergeOptions` (method, granularity, clamp, alpha, ...).
     """
     opts = _options(options, kwargs)
-    a, ms, notes = _open_all(anchor, models, trust_pickle, strip_prefix)
+    a, ms, notes = _open_all(anchor, models, trust_pickle, strip_prefix, progress)
     try:
         sink, report = merge_readers(a, ms, opts.recipe, opts.execution,
                                      lambda plan: DictSink(plan.layers, opts.device), progress,
@@ -87,6 +113,8 @@ def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.Pa
     """Merge checkpoints into ``out``: a directory that Hugging Face ``from_pretrained`` and
     ``safetensors.torch.load_file`` read (or one ``.safetensors`` file if ``out`` ends so).
 
+    Inputs are as for `merge_state_dicts`; a Hub id is fetched into the Hugging Face cache
+    (only what a merge needs) and recorded in the report and the model card as written.
     The directory gets the (sharded) weights, the anchor's config and tokenizer files, a model
     card and ``modelstock_report.json``. It is built in a temporary sibling and renamed into
     place when complete; an existing ``out`` is replaced only with ``force=True``.
@@ -97,8 +125,13 @@ def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.Pa
     """
     opts = _options(options, kwargs)
     out = Path(out)
-    check_output_path(out, [anchor, *models], force)
-    a, ms, notes = _open_all(anchor, models, trust_pickle, strip_prefix)
+    sources = [anchor, *models]
+    # Before any download: an existing output is refused at once.
+    check_output_path(out, [s for s in sources if not hub.is_hub_id(s)], force)
+    local, labels = _locate(sources, progress)
+    if any(labels):
+        check_output_path(out, local, force)  # nor may the output be a fetched snapshot
+    a, ms, notes = _open_all(local[0], local[1:], trust_pickle, strip_prefix, labels=labels)
     names = [a.path, *(m.path for m in ms)]
     recipe = {**opts.recipe.to_dict(), "anchor": names[0], "models": names[1:],
               "modelstock_version": __version__}
@@ -128,8 +161,8 @@ def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.Pa
             if annotate is not None:
                 annotate(report)
             if not sink.single_file:
-                if isinstance(anchor, str | os.PathLike) and Path(anchor).is_dir():
-                    copy_anchor_files(Path(anchor), tmp, opts.dtype)
+                if isinstance(local[0], str | os.PathLike) and Path(local[0]).is_dir():
+                    copy_anchor_files(Path(local[0]), tmp, opts.dtype)
                 (tmp / REPORT_NAME).write_text(report.to_json() + "\n")
                 (tmp / "README.md").write_text(model_card(names[0], names[1:], recipe,
                                                           report.summary()))

@@ -191,7 +191,8 @@ RECIPE_FLAGS = ("method", "alpha", "weights", "granularity", "dtype", "score")
 @click.option("--config", "config", type=click.Path(exists=False, dir_okay=False),
               default=None, metavar="FILE.yml",
               help="A mergekit YAML (merge_method model_stock, linear or average) instead of "
-                   "ANCHOR, MODELs and the recipe flags.")
+                   "ANCHOR, MODELs and the recipe flags; its models may be paths or Hub ids "
+                   "(org/name@revision).")
 @click.option("--method", type=click.Choice((*METHODS, "greedy")), default="model-stock",
               show_default=True,
               help="model-stock: the paper's rule. uniform: plain mean of the MODELs (a uniform "
@@ -254,11 +255,16 @@ def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granu
     ANCHOR is the pretrained model the fine-tunes started from (with the head they started
     from); each MODEL is a fine-tune of it (N >= 2 for model-stock). Each may be a Hugging Face
     model directory (safetensors, sharded or not, or pytorch_model.bin), a .safetensors file,
-    an index .json, or a .pt/.bin/.ckpt state dict (also nested as {"state_dict": ...}).
+    an index .json, a .pt/.bin/.ckpt state dict (also nested as {"state_dict": ...}), or a
+    Hugging Face Hub id, org/name or org/name@revision (needs modelstock[hub]): only the
+    weights, config and tokenizer files are fetched, into the Hugging Face cache (HF_HOME,
+    HF_HUB_CACHE; HF_TOKEN for private models; HF_HUB_OFFLINE=1: the cache only). A local
+    path of the same spelling wins.
 
     \b
     Examples:
       modelstock merge ./base ./ft-seed0 ./ft-seed1 -o ./merged
+      modelstock merge org/base org/ft-seed0@v2 org/ft-seed1 -o ./merged
       modelstock merge base.pt ft0.pt ft1.pt ft2.pt -o merged.safetensors --strip-prefix module.
       modelstock merge ./base ./ft0 ./ft1 -o ./wise --method wise-ft --alpha 0.5
       modelstock merge ./base ./ft0 ./ft1 ./ft2 -o ./soup --method greedy --score evals:accuracy
@@ -339,6 +345,7 @@ def inspect_cmd(anchor, models, json_path, csv_path, plot_path, html_path, full,
     """Show how fine-tuned MODELs sit around their ANCHOR, layer by layer: task-vector norms,
     pairwise angles and the ratio t a merge would use, by layer kind, with warnings for what
     looks wrong. Reads like `merge` (its Gram pass) and writes only the reports asked for.
+    ANCHOR and MODELs are paths or Hub ids (org/name[@revision]), as for `merge`.
     """
     from .geometry import inspect_checkpoints
     from .render import text, write_outputs

@@ -4,7 +4,10 @@ Supported (with mergekit's meaning, see README): ``merge_method`` ``model_stock`
 ``filter_wise``), ``linear`` (per-model ``weight``, top-level ``weight`` and ``normalize``) and
 ``average`` (our name for a plain mean of the ``models``); ``base_model``; ``models`` (each
 ``model: PATH`` and optional ``parameters``); ``dtype``; ``out_dtype``; ``tokenizer_source:
-base``. Paths are local, relative to the working directory, as in mergekit.
+base``. A model is a local path (relative to the working directory, as in mergekit) or a
+Hugging Face Hub id, ``org/name`` or ``org/name@revision`` (mergekit's spelling; also its
+mapping ``{model: {path: org/name, revision: REV}}``), fetched when the merge opens it
+(`modelstock.hub`); a local path of the same spelling wins.
 
 mergekit 0.1.5's ``model_stock`` (``mergekit/merge_methods/model_stock.py``) declares one
 parameter, ``filter_wise``, read from the top-level ``parameters`` only; every other parameter,
@@ -71,10 +74,43 @@ def _fail(source: str, message: str) -> ModelStockError:
 
 
 def _path(value: object, key: str, source: str) -> str:
+    """A model reference: a local path or a Hub id (``org/name[@revision]``), as a string;
+    mergekit's mapping form ``{model: {path: P, revision: R}}`` becomes ``P@R``."""
+    if isinstance(value, Mapping):
+        value = _reference(value, key, source)
     if isinstance(value, str) and value.strip():
+        if "+" in value and not os.path.lexists(value):
+            raise _fail(source, f"{key}: {value!r}: LoRA references (model+lora) are not "
+                                "supported; merge the adapter into its model first")
         return value
-    raise _fail(source, f"{key}: expected a local path, got {value!r} (LoRA, revision and "
-                        "dict model references are not supported)")
+    raise _fail(source, f"{key}: expected a local path or a Hub id (org/name[@revision]), got "
+                        f"{value!r}")
+
+
+def _reference(ref: Mapping, key: str, source: str) -> str:
+    """mergekit's ``ModelReference`` mapping (``model: {path, revision}``, no ``lora``)."""
+    if ref.get("lora") is not None:
+        raise _fail(source, f"{key}.lora: LoRA references are not supported; merge the adapter "
+                            "into its model first")
+    extra = [k for k in ref if k not in ("model", "lora")]
+    if extra:
+        raise _fail(source, f"{key}.{extra[0]}: not supported (supported: model: {{path, "
+                            "revision}})")
+    inner = ref.get("model")
+    if isinstance(inner, str):
+        return inner
+    if not isinstance(inner, Mapping) or not isinstance(inner.get("path"), str):
+        raise _fail(source, f"{key}.model: expected a path or {{path: ..., revision: ...}}")
+    extra = [k for k in inner if k not in ("path", "revision")]
+    if extra:
+        raise _fail(source, f"{key}.model.{extra[0]}: unknown key (supported: path, revision)")
+    revision = inner.get("revision")
+    if revision is None:
+        return inner["path"]
+    if not isinstance(revision, str) or not revision.strip():
+        raise _fail(source, f"{key}.model.revision: expected a branch, tag or commit, got "
+                            f"{revision!r}")
+    return f"{inner['path']}@{revision}"
 
 
 def _same(a: str, b: str) -> bool:
