@@ -379,7 +379,7 @@ def inspect_checkpoints(anchor: Source, models: Sequence[Source], *, clamp: bool
     (memory-mapped, chunk by chunk) and writes nothing.
     """
     opts = MergeOptions(clamp=clamp, chunk_numel=chunk_numel, device=device)
-    a, ms, _ = _open_all(anchor, models, trust_pickle, strip_prefix)
+    a, ms, _ = _open_all(anchor, models, trust_pickle, strip_prefix, progress)
     try:
         return inspect_readers(a, ms, opts, head, progress)
     finally:
