@@ -88,16 +88,16 @@ def merged_factors(modules: Sequence[LoraModule | None], t: torch.Tensor | float
     for m in modules:
         if m is None:
             continue
-        a, b = m.A.to(torch.float64), m.B.to(torch.float64)
+        a, b = m.A, m.B.to(torch.float64)
         if c.ndim == 0:
             b = b * (float(c) * m.scaling)
         elif m.transposed:  # rows of the weight are columns of A
             b = b * m.scaling
-            a = a * c[None, :]
+            a = a.to(torch.float64) * c[None, :]
         else:
             b = b * (c[:, None] * m.scaling)
         bs.append(b.to(dtype))
-        as_.append(a.to(dtype))
+        as_.append(a.to(dtype))  # a copy of A, unless scaled (or dtype is narrower)
     return torch.cat(bs, 1), torch.cat(as_, 0)
 
 

@@ -21,6 +21,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +29,10 @@ import torch
 
 from .. import __version__, stock
 from ..checkpoint import Reader, open_checkpoint
+from ..engine import worker_pool
 from ..errors import ModelStockError
 from ..output import REPORT_NAME, atomic_output, check_output_path
+from ..recipe import Execution
 from ..report import LayerReport, MergeReport, layer_report
 from ..rules import ModelStock
 from ..safetensors_io import SafetensorsWriter
@@ -160,11 +163,17 @@ def base_key(key: str) -> str:
     return ".".join(p for p in name.split(".") if p not in WRAPPER_SEGMENTS)
 
 
-def _load(adapters: Sequence[AdapterSource], trust_pickle: bool) -> list[LoraAdapter]:
+def _map(pool: Executor | None, fn, items) -> list:
+    """``fn`` over ``items``, on the worker threads if any (torch lets go of the GIL)."""
+    return list(map(fn, items) if pool is None else pool.map(fn, items))
+
+
+def _load(adapters: Sequence[AdapterSource], trust_pickle: bool,
+          pool: Executor | None = None) -> list[LoraAdapter]:
     if isinstance(adapters, str | os.PathLike | LoraAdapter):
         raise TypeError("adapters must be a sequence of adapter directories or LoraAdapters")
-    loaded = [a if isinstance(a, LoraAdapter) else read_lora_adapter(a, trust_pickle)
-              for a in adapters]
+    loaded = _map(pool, lambda a: a if isinstance(a, LoraAdapter)
+                  else read_lora_adapter(a, trust_pickle), list(adapters))
     if len(loaded) < 2:
         raise ModelStockError(f"Model Stock needs at least 2 adapters (the ratio comes from the "
                               f"angle between two task vectors), got {len(loaded)}")
@@ -310,13 +319,11 @@ def _dense_deltas(layer: _Layer) -> torch.Tensor:
     return stock.task_vectors(w0, ws, _compute_dtype(layer.values, layer.anchor))
 
 
-def _measure(layers: Sequence[_Layer], n: int, granularity: str, rule: ModelStock
-             ) -> tuple[float | None, float | None]:
+def _measure(layers: Sequence[_Layer], n: int, granularity: str, rule: ModelStock,
+             pool: Executor | None = None) -> tuple[float | None, float | None]:
     """Gram matrices and ratios of every Model Stock layer; ``(model_cos, model_t)`` for
     ``granularity="model"``."""
-    for layer in layers:
-        if layer.rule != "model_stock":
-            continue
+    def measure(layer: _Layer) -> None:
         row = granularity == "row" and len(layer.shape) >= 2 and layer.shape[0] > 0
         if layer.mods is not None:
             layer.gram = factor_gram(layer.mods, row=row)
@@ -327,6 +334,8 @@ def _measure(layers: Sequence[_Layer], n: int, granularity: str, rule: ModelStoc
             layer.gram = stock.gram(_dense_deltas(layer),
                                     row_numel=numel // layer.shape[0] if row else None)
         layer.t = rule.finalize(layer.gram, n)
+
+    _map(pool, measure, [x for x in layers if x.rule == "model_stock"])
     if granularity != "model":
         return None, None
     grams = [x.gram for x in layers if x.rule == "model_stock"]
@@ -369,7 +378,7 @@ def _check(granularity: str, rank: int | None) -> None:
         raise ModelStockError(f"rank must be a positive integer, got {rank!r}")
 
 
-def _plan(ads, base, granularity, clamp):
+def _plan(ads, base, granularity, clamp, pool=None):
     warnings: list[str] = []
     names = {a.settings.base_model_name_or_path for a in ads} - {None}
     if len(names) > 1:
@@ -388,7 +397,7 @@ def _plan(ads, base, granularity, clamp):
                         "depend on it")
     layers += _dense(ads, base, {x.name for x in layers}, warnings)
     rule = ModelStock(clamp)
-    model_cos, model_t = _measure(layers, len(ads), granularity, rule)
+    model_cos, model_t = _measure(layers, len(ads), granularity, rule, pool)
     return layers, warnings, rule, model_cos, model_t
 
 
@@ -407,31 +416,18 @@ def _base_name(ads: Sequence[LoraAdapter], base: Reader | None) -> str | None:
 
 
 def inspect_lora(adapters: Sequence[AdapterSource], *, base: BaseSource = None,
-                 granularity: str = "tensor", clamp: bool = True,
-                 trust_pickle: bool = False) -> MergeReport:
-    """Measure without merging: every module's norms, pairwise cosines, angle and ``t``."""
-    _check(granularity, None)
-    ads = _load(adapters, trust_pickle)
-    reader = _open_base(base, trust_pickle)
-    try:
-        start = time.perf_counter()
-        layers, warnings, rule, model_cos, model_t = _plan(ads, reader, granularity, clamp)
-        report = _new_report(ads, _base_name(ads, reader), granularity, clamp, warnings,
-                             model_cos, model_t)
-        for layer in layers:
-            dtype = layer.values[0].dtype if layer.mods is None and layer.values[0] is not None \
-                else torch.float32
-            report.layers.append(_describe(layer, dtype, len(ads), rule, granularity))
-        report.seconds = time.perf_counter() - start
-    finally:
-        if reader is not None:
-            reader.close()
-    return report
+                 granularity: str = "tensor", clamp: bool = True, trust_pickle: bool = False,
+                 threads: int | None = None) -> MergeReport:
+    """Measure without merging: every module's norms, pairwise cosines, angle and ``t``
+    (the keywords are `merge_lora`'s)."""
+    return _run(adapters, base, granularity, clamp, None, None, trust_pickle, threads,
+                merge=False)
 
 
 def merge_lora(adapters: Sequence[AdapterSource], *, base: BaseSource = None,
                granularity: str = "tensor", clamp: bool = True, rank: int | None = None,
-               dtype: torch.dtype | None = None, trust_pickle: bool = False) -> LoraMerge:
+               dtype: torch.dtype | None = None, trust_pickle: bool = False,
+               threads: int | None = None) -> LoraMerge:
     """Model Stock of N >= 2 LoRA adapters of one base model, exactly, in factor space.
 
     ``adapters``: PEFT adapter directories or `LoraAdapter`s. ``granularity``: one ratio per
@@ -443,36 +439,53 @@ def merge_lora(adapters: Sequence[AdapterSource], *, base: BaseSource = None,
     the base model (a checkpoint path, state dict or module), needed only to merge dense
     tensors (``modules_to_save``, biases) with Model Stock; it also checks the modules'
     shapes and tells ``Conv1D`` from ``nn.Linear`` layers for ``fan_in_fan_out``.
+    ``threads``: worker threads, one module each (default one per core, at most 4); the
+    result does not depend on it.
     """
+    return _run(adapters, base, granularity, clamp, rank, dtype, trust_pickle, threads,
+                merge=True)
+
+
+def _run(adapters, base, granularity, clamp, rank, dtype, trust_pickle, threads, merge):
     _check(granularity, rank)
-    ads = _load(adapters, trust_pickle)
-    reader = _open_base(base, trust_pickle)
-    try:
-        start = time.perf_counter()
-        layers, warnings, rule, model_cos, model_t = _plan(ads, reader, granularity, clamp)
-        report = _new_report(ads, _base_name(ads, reader), granularity, clamp, warnings,
-                             model_cos, model_t)
-        n = len(ads)
-        fdtype = dtype or stock.compute_dtype_for(
-            *(t.dtype for a in ads for m in a.modules.values() for t in (m.A, m.B)))
-        modules: dict[str, MergedModule] = {}
-        dense: dict[str, torch.Tensor] = {}
-        for layer in layers:
-            if layer.mods is not None:
-                mm = _merge_module(layer, fdtype, rank)
-                modules[layer.name] = mm
-                extra = None if mm.rel_error is None else \
-                    f"rank-{rank} approximation: relative Frobenius error {mm.rel_error:.3g}"
-                report.layers.append(_describe(layer, fdtype, n, rule, granularity, extra))
-            else:
-                value = _merge_dense(layer, n)
-                dense[layer.key] = value
-                report.layers.append(_describe(layer, value.dtype, n, rule, granularity))
-        config = adapter_config(ads, modules)
-        report.seconds = time.perf_counter() - start
-    finally:
-        if reader is not None:
-            reader.close()
+    with worker_pool(Execution(threads=threads)) as pool:
+        ads = _load(adapters, trust_pickle, pool)
+        reader = _open_base(base, trust_pickle)
+        try:
+            start = time.perf_counter()
+            layers, warnings, rule, model_cos, model_t = _plan(ads, reader, granularity,
+                                                               clamp, pool)
+            report = _new_report(ads, _base_name(ads, reader), granularity, clamp, warnings,
+                                 model_cos, model_t)
+            n = len(ads)
+            fdtype = dtype or stock.compute_dtype_for(
+                *(t.dtype for a in ads for m in a.modules.values() for t in (m.A, m.B)))
+            if not merge:
+                for layer in layers:
+                    vdtype = fdtype if layer.mods is not None else \
+                        next(v.dtype for v in layer.values if v is not None)
+                    report.layers.append(_describe(layer, vdtype, n, rule, granularity))
+                report.seconds = time.perf_counter() - start
+                return report
+            merged = _map(pool, lambda x: _merge_module(x, fdtype, rank)
+                          if x.mods is not None else _merge_dense(x, n), layers)
+            modules: dict[str, MergedModule] = {}
+            dense: dict[str, torch.Tensor] = {}
+            for layer, value in zip(layers, merged, strict=True):
+                if layer.mods is not None:
+                    modules[layer.name] = value
+                    extra = None if value.rel_error is None else \
+                        f"rank-{rank} approximation: relative Frobenius error " \
+                        f"{value.rel_error:.3g}"
+                    report.layers.append(_describe(layer, fdtype, n, rule, granularity, extra))
+                else:
+                    dense[layer.key] = value
+                    report.layers.append(_describe(layer, value.dtype, n, rule, granularity))
+            config = adapter_config(ads, modules)
+            report.seconds = time.perf_counter() - start
+        finally:
+            if reader is not None:
+                reader.close()
     recipe = {"method": "model-stock", "granularity": granularity, "clamp": clamp,
               "rank": rank, "dtype": str(fdtype).removeprefix("torch."),
               "base": report.anchor, "adapters": [a.path for a in ads],
