@@ -241,6 +241,17 @@ def test_no_base_equals_base_for_factor_modules():
         assert torch.equal(with_base.modules[name].A, without.modules[name].A)
 
 
+def test_threads_do_not_change_the_result():
+    sc = {"n": 3, "specs": [(f"l.{j}", "linear", 9, 8) for j in range(6)],
+          "adapters": [(lora_config(r=2 + i), [True] * 6) for i in range(3)],
+          "noise": 0.3, "seed": 5, "granularity": "tensor", "clamp": True}
+    ads, _, _, _ = build(sc)
+    one, many = merge_lora(ads, threads=1, rank=3), merge_lora(ads, threads=3, rank=3)
+    for name in one.modules:
+        assert torch.equal(one.modules[name].B, many.modules[name].B)
+        assert torch.equal(one.modules[name].A, many.modules[name].A)
+
+
 # -- files: reading, writing, refusing ------------------------------------------------------------
 
 def write_adapter(path: Path, state: dict, cfg: dict, bin_file: bool = False) -> Path:
