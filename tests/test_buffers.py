@@ -130,3 +130,28 @@ def test_update_bn_reestimates_statistics_from_data() -> None:
     calls = []
     update_bn([{"x": batches[0]}], model, forward=lambda m, b: calls.append(sorted(b)))
     assert calls == [["x"]]
+
+
+def test_the_counter_of_a_layer_without_weight_follows_its_statistics() -> None:
+    """BatchNorm(affine=False): no weight to follow; the counter goes where running_var goes."""
+    anchor = {"bn.running_mean": torch.zeros(3), "bn.running_var": torch.ones(3),
+              "bn.num_batches_tracked": torch.tensor(0)}
+    fts = [{"bn.running_mean": torch.full((3,), 0.5 + i), "bn.running_var": torch.full((3,), 2.0),
+            "bn.num_batches_tracked": torch.tensor(3)} for i in range(2)]
+    out, _ = merge_state_dicts(anchor, fts, method="wise-ft", alpha=0.0)
+    for k, v in anchor.items():
+        assert torch.equal(out[k], v), k
+    out, _ = merge_state_dicts(anchor, fts, method="wise-ft", alpha=1.0)
+    assert int(out["bn.num_batches_tracked"]) == 3
+
+
+def test_integer_counters_of_a_linear_merge_are_rounded_exactly() -> None:
+    anchor = {"bn.weight": torch.ones(2), "bn.num_batches_tracked": torch.tensor(0)}
+    fts = [{"bn.weight": torch.ones(2) * 2, "bn.num_batches_tracked": torch.tensor(n)}
+           for n in (100, 103)]
+    out, _ = merge_state_dicts(anchor, fts, method="linear", weights=(3.0, 1.0))
+    assert int(out["bn.num_batches_tracked"]) == 101  # 100.75, rounded (not truncated)
+    big = [{"bn.weight": torch.ones(2) * 2, "bn.num_batches_tracked": torch.tensor(n)}
+           for n in (33554433, 33554435)]  # beyond float32's integers
+    out, _ = merge_state_dicts(anchor, big, method="linear", weights=(1.0, 1.0))
+    assert int(out["bn.num_batches_tracked"]) == 33554434

@@ -119,7 +119,7 @@ def test_planted_angles_norms_and_t(files) -> None:
     assert rows["encoder.layer.1.attention.query.weight"].layer.t == 0.0  # cos < 0: clamped
     assert rows[HEAD].layer.rule == "skipped" and rows[HEAD].layer.shape == [4, 16]
     assert rows[NEW].layer.rule == "average" and not rows[NEW].in_anchor
-    assert rows["bn.num_batches_tracked"].layer.rule == "copy"
+    assert rows["bn.num_batches_tracked"].layer.rule == "follow"  # the counter follows the stats
 
 
 def test_planted_findings(files) -> None:

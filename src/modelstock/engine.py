@@ -117,8 +117,7 @@ class Merger:
         the main thread between the two). Every other path calls this before it writes."""
         pending, self._pending = self._pending, []
         for handles, finish in pending:
-            self._gather(handles)
-            finish()
+            finish(self._gather(handles))
 
     @staticmethod
     def _pieces(s: int, e: int, row: int | None) -> list[tuple[int, int]]:
@@ -268,13 +267,17 @@ class Merger:
 
     # -- writing -----------------------------------------------------------------------------
     def write_interpolated(self, p: LayerPlan, t: torch.Tensor,
-                           total: torch.Tensor | None = None) -> None:
+                           total: torch.Tensor | None = None, measured: bool = False) -> None:
         """Write ``w0 + t mean_i(d_i)``, re-reading the inputs unless ``total`` is given.
 
-        Output goes out in pieces of at most `OUT_BYTES`, from a small ring of reused buffers:
-        fresh chunk-sized allocations each time make glibc's heap grow with the model."""
+        ``measured``: a statistics pass has seen every input element (a finite Gram matrix:
+        no NaN or Inf); otherwise the workers check the output as they make it, since any
+        non-finite input reaches it. Output goes out in pieces of at most `OUT_BYTES`, from a
+        small ring of reused buffers: fresh chunk-sized allocations each time make glibc's heap
+        grow with the model."""
         row = p.row_numel(self.recipe)
         check = self._output_may_overflow(p, float(t.min()), float(t.max()))
+        verify = not (measured or check or self.recipe.allow_nonfinite)
         dt = self._compute_dtype(p.name)
         scale = t / self.n
         out_numel = max(1, OUT_BYTES // p.out_dtype.itemsize)
@@ -283,7 +286,7 @@ class Merger:
             for a, b in chunk_ranges(e - s, out_numel, row):
                 out = self._out_buffer(b - a, p.out_dtype)
 
-                def piece(r: tuple[int, int], a=a, s=s, w0=w0, ws=ws, out=out) -> None:
+                def piece(r: tuple[int, int], a=a, s=s, w0=w0, ws=ws, out=out) -> bool:
                     lo, hi = a + r[0], a + r[1]
                     sc = scale[(s + lo) // row : (s + hi) // row] if (row and scale.ndim) \
                         else scale
@@ -293,9 +296,10 @@ class Merger:
                     else:
                         _blocks.combine(w0[lo:hi], total[s + lo : s + hi], sc,
                                         out[r[0] : r[1]], row)
+                    return not verify or _blocks.all_finite(out[r[0] : r[1]])
 
-                def finish(out=out, n=b - a) -> None:
-                    if check:
+                def finish(finite: list[bool], out=out, n=b - a) -> None:
+                    if check or not all(finite):
                         self._check_output(p, out, [self.anchor, *self.models],
                                            float(t.mean()))
                     self.sink.write(p.name, out)
@@ -304,7 +308,7 @@ class Merger:
                 if len(self._pending) >= self._in_flight:  # keep the ring's slots safe
                     self._flush()
                 self._pending.append((self._submit(piece, self._pieces(a, b, row)), finish))
-            self._pending.append(([], lambda s=s, e=e: self._release(p.name, s, e)))
+            self._pending.append(([], lambda _, s=s, e=e: self._release(p.name, s, e)))
 
     def _buffer(self, key: object, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A reusable flat buffer of ``numel`` elements of ``dtype`` (grown when needed)."""
@@ -345,9 +349,12 @@ class Merger:
                                           readers[0].path, p.name)
                 differs = differs or any(not torch.equal(chunks[0], c.to(chunks[0].dtype))
                                          for c in chunks[1:])
-            else:
+            elif p.out_dtype.is_floating_point:
                 out = _blocks.weighted_mean(chunks, p.out_dtype, dt, rule.weights,
                                             rule.normalize)
+            else:  # an integer follower of a linear merge: in float64, rounded
+                out = _blocks.weighted_mean(chunks, torch.float64, torch.float64, rule.weights,
+                                            rule.normalize).round().to(p.out_dtype)
             if p.out_dtype.is_floating_point:
                 self._check_output(p, out, readers)
             self.sink.write(p.name, out)
@@ -407,7 +414,7 @@ class Merger:
                 t, g = self.coefficients(p), self.known_gram(p)
             note = p.rule.note(g, self.n) if self.recipe.granularity != "model" else None
             reports.append(self.describe(p, g, t, note=self._join(p.note, note)))
-            self.write_interpolated(p, t, total)
+            self.write_interpolated(p, t, total, measured=g is not None)
         self._flush()
         return reports
 

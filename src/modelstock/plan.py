@@ -57,7 +57,9 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> LayerPlan:
-        return next(p for p in self.layers if p.name == name)
+        if len(getattr(self, "_by_name", ())) != len(self.layers):
+            self._by_name = {p.name: p for p in self.layers}
+        return self._by_name[name]
 
 
 def method_rule(recipe: Recipe) -> Rule:
@@ -72,12 +74,16 @@ def method_rule(recipe: Recipe) -> Rule:
 
 
 def buffer_owner(name: str, names: Sequence[str] | dict) -> str | None:
-    """The tensor whose coefficients a running statistic follows: its layer's ``weight``."""
+    """The tensor whose coefficients a running statistic follows: its layer's ``weight``; for
+    the batch counter of a layer without one (``affine=False``), its ``running_var``, so that
+    the counter goes where the statistics go."""
     owner, _, leaf = name.rpartition(".")
     if leaf not in RUNNING_STATS:
         return None
-    weight = f"{owner}.weight" if owner else "weight"
-    return weight if weight in names else None
+    prefix = f"{owner}." if owner else ""
+    candidates = ["weight"] + (["running_var", "running_mean"]
+                               if leaf == "num_batches_tracked" else [])
+    return next((prefix + c for c in candidates if prefix + c in names), None)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> str | None:
@@ -87,9 +93,10 @@ def _matches(name: str, patterns: Sequence[str]) -> str | None:
 def plan_merge(anchor: Reader, models: Sequence[Reader], recipe: Recipe,
                only: Sequence[str] | None = None) -> MergePlan:
     """Check that the checkpoints fit together and choose a rule for every tensor (or for the
-    tensors named in ``only``, checking just those: how inspection judges one at a time)."""
-    def wanted(k: str) -> bool:
-        return only is None or k in only
+    tensors named in ``only``, checking just those: how inspection judges one at a time, so
+    the work is in proportion to ``only``, not to the checkpoint)."""
+    def names_of(r: Reader) -> list[str]:
+        return list(r.infos) if only is None else [k for k in only if k in r.infos]
 
     if len(models) < recipe.min_models:
         raise ModelStockError(f"{recipe.method} needs at least {recipe.min_models} fine-tuned "
@@ -98,7 +105,7 @@ def plan_merge(anchor: Reader, models: Sequence[Reader], recipe: Recipe,
         raise ModelStockError(f"{len(recipe.weights)} weights for {len(models)} models")
     buffers_from_anchor = []
     for m in models:
-        missing = [k for k in anchor.infos if k not in m.infos and wanted(k)]
+        missing = [k for k in names_of(anchor) if k not in m.infos]
         # An integer buffer only the anchor has (e.g. position_ids, which some versions of
         # transformers do not save) is carried over from the anchor; a weight is an error.
         buffers = [k for k in missing if not anchor.infos[k].dtype.is_floating_point]
@@ -108,11 +115,11 @@ def plan_merge(anchor: Reader, models: Sequence[Reader], recipe: Recipe,
             few = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
             raise ModelStockError(f"missing {len(missing)} tensor(s) that the anchor "
                                   f"{anchor.path} has: {few}", m.path)
-    extra = [k for k in models[0].infos if k not in anchor.infos and wanted(k)]
-    names = [k for k in anchor.infos if wanted(k)] + extra
+    extra = [k for k in names_of(models[0]) if k not in anchor.infos]
+    names = names_of(anchor) + extra
     for m in models[1:]:
-        for k in m.infos:
-            if k not in anchor.infos and k not in models[0].infos and wanted(k):
+        for k in names_of(m):
+            if k not in anchor.infos and k not in models[0].infos:
                 raise ModelStockError(f"tensor is not in the anchor nor in {models[0].path}",
                                       m.path, k)
         for k in extra:
