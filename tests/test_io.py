@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from modelstock import merge_checkpoints, merge_state_dicts, open_checkpoint
 from modelstock.checkpoint import SAFETENSORS_INDEX
+from modelstock.geometry import inspect_checkpoints
 from tests.conftest import make_finetunes
 
 SHAPES = {"embed.weight": (50, 8), "layer.0.weight": (8, 8), "layer.0.bias": (8,),
@@ -227,6 +228,11 @@ def test_tensor_in_a_shard_but_not_in_the_index_is_merged(tmp_path: Path, fmt: s
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
     named = [w for w in report.warnings if "not in its weight_map" in w]
     assert len(named) == 3 and all("layer.0.bias" in w for w in named)  # said, not silent
+    _, report = merge_state_dicts(tmp_path / "m0", [tmp_path / "m1", tmp_path / "m2"],
+                                  strip_prefix="layer.")  # through the renaming reader too
+    assert sum("not in its weight_map" in w for w in report.warnings) == 3
+    insp = inspect_checkpoints(tmp_path / "m0", [tmp_path / "m1", tmp_path / "m2"])
+    assert sum("not in its weight_map" in f.message for f in insp.findings) == 3
 
 
 @pytest.mark.parametrize("fmt", list(SHARDED))

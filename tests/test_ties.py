@@ -105,3 +105,30 @@ def test_a_tied_transformers_model_round_trips(tmp_path: Path) -> None:
     want = model_stock(base.model.embed_tokens.weight.detach(),
                        [torch.load(p, weights_only=True)[EMB] for p in paths])
     torch.testing.assert_close(merged.model.embed_tokens.weight.detach(), want)
+
+
+def test_an_anchor_tied_by_storage_keeps_both_names_equal(tmp_path: Path) -> None:
+    """A .pt anchor of a tied model holds both names on one storage: one fine-tune is an HF
+    directory saved tied, the other a .pt whose lm_head was untied by training."""
+    anchor, *fts = make_finetunes(SHAPES, n=2)
+    a = tied_pt(tmp_path / "anchor.pt", anchor)
+    d = save_dir(tmp_path / "ft0", fts[0], True)
+    untied = dict(fts[1], **{HEAD: fts[1][EMB] + 0.5})
+    torch.save(untied, tmp_path / "ft1.pt")
+    out, report = merge_state_dicts(a, [d, str(tmp_path / "ft1.pt")])
+    want = model_stock(anchor[EMB], [f[EMB] for f in fts])
+    torch.testing.assert_close(out[EMB], want)
+    assert torch.equal(out[HEAD], out[EMB])  # written as the anchor stores it: both, equal
+    assert any("both names written, equal" in w for w in report.warnings)
+    assert any("not used" in w and "ft1.pt" in w for w in report.warnings)
+
+
+def test_a_headless_anchor_without_config_gets_the_fine_tunes_new_head_averaged(
+        tmp_path: Path) -> None:
+    """No config and lm_head values unlike the embeddings: a new head, not a tie."""
+    anchor, *fts = make_finetunes({**SHAPES, HEAD: (12, 4)}, n=2)
+    del anchor[HEAD]
+    save_file(anchor, str(tmp_path / "anchor.safetensors"))
+    out, report = merge_state_dicts(str(tmp_path / "anchor.safetensors"), fts)
+    torch.testing.assert_close(out[HEAD], (fts[0][HEAD] + fts[1][HEAD]) / 2)
+    assert any("not in the anchor" in w for w in report.warnings)

@@ -66,6 +66,13 @@ class StateDictReader:
     def close(self) -> None:
         pass
 
+    def shares_storage(self, a: str, b: str) -> bool:
+        """Whether two names are one tensor (tied weights: same storage, offset and layout)."""
+        x, y = self._tensors[a], self._tensors[b]
+        return (x.numel() > 0 and x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+                and x.storage_offset() == y.storage_offset() and x.shape == y.shape
+                and x.stride() == y.stride() and x.dtype == y.dtype)
+
 
 class TorchFileReader(StateDictReader):
     """A ``.pt/.bin/.pth/.ckpt`` state dict, loaded with ``weights_only=True`` unless trusted."""
@@ -262,6 +269,14 @@ class RenamedReader:
 
     def close(self) -> None:
         self._inner.close()
+
+    def shares_storage(self, a: str, b: str) -> bool:
+        inner = getattr(self._inner, "shares_storage", None)
+        return inner is not None and inner(self._orig[a], self._orig[b])
+
+    @property
+    def warnings(self) -> list[str]:
+        return getattr(self._inner, "warnings", [])
 
 
 def _open_regular(path: str | os.PathLike):

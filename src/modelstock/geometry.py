@@ -341,8 +341,13 @@ def inspect_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions
             if isinstance(p, LayerReport):
                 layers.append(LayerGeometry(p, kinds[p.name], in_anchor=p.name in anchor.infos))
                 continue
+            owner = plans.get(getattr(p.rule, "owner", None))
+            try:
+                t = merger.coefficients(owner) if owner is not None and owner.anchored else None
+            except ModelStockError:
+                t = None  # the owner's own row says why
             if not measurable(p):
-                layers.append(LayerGeometry(merger.describe(p, None, note=p.note),
+                layers.append(LayerGeometry(merger.describe(p, None, t, note=p.note),
                                             kinds[p.name], in_anchor=p.name in anchor.infos))
                 continue
             try:
@@ -351,9 +356,6 @@ def inspect_readers(anchor: Reader, models: Sequence[Reader], opts: MergeOptions
                     g = merger.known_gram(p)
                 else:
                     g, _ = merger.layer_gram(p, keep=False, count=True)
-                    owner = plans.get(getattr(p.rule, "owner", None))
-                    t = merger.coefficients(owner) if owner is not None and owner.anchored \
-                        else None
             except ModelStockError as e:
                 layers.append(LayerGeometry(LayerReport(p.name, list(p.shape), "skipped",
                                                         str(p.out_dtype).removeprefix("torch."),
@@ -379,9 +381,11 @@ def inspect_checkpoints(anchor: Source, models: Sequence[Source], *, clamp: bool
     (memory-mapped, chunk by chunk) and writes nothing.
     """
     opts = MergeOptions(clamp=clamp, chunk_numel=chunk_numel, device=device)
-    a, ms, _ = _open_all(anchor, models, trust_pickle, strip_prefix, progress)
+    a, ms, notes = _open_all(anchor, models, trust_pickle, strip_prefix, progress)
     try:
-        return inspect_readers(a, ms, opts, head, progress)
+        insp = inspect_readers(a, ms, opts, head, progress)
+        insp.findings[:0] = [Finding("inputs", note) for note in notes]
+        return insp
     finally:
         for r in [a, *ms]:
             r.close()

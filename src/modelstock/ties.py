@@ -81,52 +81,77 @@ def same_values(reader: Reader, a: str, b: str) -> bool:
     return True
 
 
+def _stores_both_as_one(reader: Reader, embed: str) -> bool:
+    """Whether ``reader`` holds both names on one storage (a state dict of a tied model)."""
+    shares = getattr(reader, "shares_storage", None)
+    return shares is not None and shares(OUTPUT_EMBEDDING, embed)
+
+
 def align_ties(anchor: Reader, models: Sequence[Reader], sources: Sequence[object]
                ) -> tuple[list[Reader], list[str]]:
     """Present every fine-tune with the anchor's choice of tied or untied embeddings.
 
-    An input without ``lm_head.weight`` whose config does not say ``tie_word_embeddings:
-    false`` stores it tied to its input embedding. With a tied anchor, fine-tunes' own
-    ``lm_head.weight`` is set aside (the output stays tied); one that differs from the
-    fine-tune's input embedding is named in a warning, since its values are not merged. With
-    an untied anchor, a tied fine-tune's ``lm_head.weight`` is its input embedding. Returns
-    the fine-tunes' readers and what was decided, for the merge report's warnings.
+    An input is tied when it holds ``lm_head.weight`` and its input embedding on one storage,
+    or when it lacks ``lm_head.weight`` and its config says ``tie_word_embeddings`` (or, with no
+    config to ask, when every input that holds both names holds them equal). With a tied anchor
+    the output is tied: a fine-tune's own ``lm_head.weight`` is read as its input embedding, and
+    one that differs from it is named in a warning, since its values are not merged; the output
+    stores the tensor as the anchor does (once, or under both names). With an untied anchor, a
+    tied fine-tune's ``lm_head.weight`` is its input embedding. Returns the fine-tunes' readers
+    and what was decided, for the merge report's warnings.
     """
     readers = [anchor, *models]
     holders = [r for r in readers if OUTPUT_EMBEDDING in r.infos]
-    if not holders or len(holders) == len(readers):
+    if not holders:
         return list(models), []
     shape = holders[0].infos[OUTPUT_EMBEDDING].shape
     embed = input_embedding(holders[0], shape)
-    if embed is None:
+    if embed is None or any(embed not in r.infos for r in readers):
         return list(models), []
-    tied = [OUTPUT_EMBEDDING not in r.infos and embed in r.infos
-            and config_ties(src) is not False for r, src in zip(readers, sources, strict=True)]
-    if not any(tied):
-        return list(models), []
+    evidence: list[bool] = []  # computed once, if an input without config needs it
+
+    def tied(r: Reader, src: object) -> bool:
+        if OUTPUT_EMBEDDING in r.infos:
+            return _stores_both_as_one(r, embed)
+        config = config_ties(src)
+        if config is not None:
+            return config
+        if not evidence:
+            evidence.append(all(same_values(h, OUTPUT_EMBEDDING, embed) for h in holders))
+        return evidence[0]
+
+    flags = [tied(r, src) for r, src in zip(readers, sources, strict=True)]
+    anchor_holds = OUTPUT_EMBEDDING in anchor.infos
+    if not flags[0] and (not anchor_holds or not any(flags[1:])):
+        return list(models), []  # nothing tied to align (a headless anchor keeps the old rules)
     warnings: list[str] = []
     out: list[Reader] = []
-    if tied[0]:
+    if flags[0]:
         untied = []
         for m in models:
-            if OUTPUT_EMBEDDING in m.infos:
+            if OUTPUT_EMBEDDING in m.infos and not _stores_both_as_one(m, embed):
                 if not same_values(m, OUTPUT_EMBEDDING, embed):
                     untied.append(m.path)
+            if anchor_holds:  # both names out, as the anchor stores them: equal values
+                m = TiedView(m, alias=(OUTPUT_EMBEDDING, embed))
+            elif OUTPUT_EMBEDDING in m.infos:
                 m = TiedView(m, hide=OUTPUT_EMBEDDING)
             out.append(m)
-        warnings.append(f"{OUTPUT_EMBEDDING} is tied to {embed} in the anchor: merged once, "
-                        "written tied")
+        warnings.append(f"{OUTPUT_EMBEDDING} is tied to {embed} in the anchor: merged as one "
+                        "tensor, " + ("both names written, equal" if anchor_holds
+                                      else "written tied"))
         if untied:
             warnings.append(f"{OUTPUT_EMBEDDING} differs from {embed} in {', '.join(untied)} "
                             f"(untied there); the output follows the anchor and stays tied, so "
                             f"those {OUTPUT_EMBEDDING} values are not used")
     else:
         aliased = []
-        for m, t in zip(models, tied[1:], strict=True):
-            if t:
+        for m, t in zip(models, flags[1:], strict=True):
+            if t and OUTPUT_EMBEDDING not in m.infos:
                 aliased.append(m.path)
                 m = TiedView(m, alias=(OUTPUT_EMBEDDING, embed))
             out.append(m)
-        warnings.append(f"{OUTPUT_EMBEDDING} is tied to {embed} in {', '.join(aliased)}; the "
-                        "anchor stores both, so the output does too (untied, like the anchor)")
+        if aliased:
+            warnings.append(f"{OUTPUT_EMBEDDING} is tied to {embed} in {', '.join(aliased)}; "
+                            "the anchor stores both, untied, so the output does too")
     return out, warnings
