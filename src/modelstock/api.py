@@ -21,7 +21,7 @@ from .output import (
     copy_anchor_files,
     model_card,
 )
-from .recipe import MergeOptions, Recipe
+from .recipe import Execution, MergeOptions, Recipe
 from .report import MergeReport
 from .ties import align_ties
 
@@ -29,14 +29,21 @@ Source = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
-def _options(options: Recipe | None, kwargs: dict) -> MergeOptions:
-    """Options from a `MergeOptions`, a `Recipe` (run with the default `Execution`) or
-    keywords."""
+def _options(options: Recipe | Execution | None, kwargs: dict) -> MergeOptions:
+    """Options from a `MergeOptions`, a `Recipe` (run with the default `Execution`), an
+    `Execution` (of the default recipe) or keywords."""
     if options is not None and kwargs:
         raise TypeError("pass either options or keyword options, not both")
     if options is None:
         return MergeOptions(**kwargs)
-    return options if isinstance(options, MergeOptions) else MergeOptions.of(options)
+    if isinstance(options, MergeOptions):
+        return options
+    if isinstance(options, Recipe):
+        return MergeOptions.of(options)
+    if isinstance(options, Execution):
+        return MergeOptions.of(Recipe(), options)
+    raise TypeError(f"options must be a Recipe, an Execution or MergeOptions, got "
+                    f"{type(options).__name__}")
 
 
 def _locate(sources: Sequence[Source], progress: bool = True
@@ -82,7 +89,7 @@ def _open_all(anchor: Source, models: Sequence[Source], trust_pickle: bool,
 
 
 def merge_state_dicts(anchor: Source, models: Sequence[Source],
-                      options: Recipe | None = None, *, trust_pickle: bool = False,
+                      options: Recipe | Execution | None = None, *, trust_pickle: bool = False,
                       strip_prefix: str | None = None, progress: bool = False,
                       **kwargs) -> tuple[dict[str, torch.Tensor], MergeReport]:
     """Merge in memory; returns the merged state dict and the per-layer report.
@@ -104,7 +111,7 @@ def merge_state_dicts(anchor: Source, models: Sequence[Source],
 
 
 def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.PathLike,
-                      options: Recipe | None = None, *,
+                      options: Recipe | Execution | None = None, *,
                       shard_size: int | None = DEFAULT_SHARD_BYTES, force: bool = False,
                       trust_pickle: bool = False, strip_prefix: str | None = None,
                       progress: bool = False, direct_io: bool = True,

@@ -81,6 +81,10 @@ class Recipe:
                 raise ModelStockError(f"weights must be finite numbers, got {list(self.weights)}")
             if self.normalize and sum(self.weights) == 0:
                 raise ModelStockError("weights sum to 0: cannot normalize (set normalize=False)")
+        for key in ("dtype", "compute_dtype"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), torch.dtype):
+                raise ModelStockError(f"{key} must be a torch dtype such as torch.bfloat16, "
+                                      f"got {getattr(self, key)!r}")
         if self.compute_dtype not in (None, torch.float32, torch.float64):
             raise ModelStockError(f"compute dtype must be float32 or float64, "
                                   f"got {self.compute_dtype}")
@@ -118,6 +122,19 @@ class Execution:
             raise ModelStockError("chunk_numel must be positive")
         if self.threads is not None and self.threads < 1:
             raise ModelStockError("threads must be positive")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ModelStockError(f"unknown device {self.device!r} (e.g. cpu, cuda, cuda:1)"
+                                  ) from None
+        if device.type == "meta":
+            raise ModelStockError("device 'meta' holds no values to merge")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelStockError(f"device {self.device!r}: CUDA is not available to this "
+                                  "torch build or machine")
+        available = getattr(getattr(torch, device.type, None), "is_available", None)
+        if device.type != "cpu" and callable(available) and not available():
+            raise ModelStockError(f"device {self.device!r} is not available")
 
 
 @dataclass(frozen=True)
