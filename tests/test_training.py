@@ -232,3 +232,26 @@ def test_a_rounded_anchor_biasing_small_task_vectors_is_warned_about():
         warnings.simplefilter("error")
         report = PeriodicModelStock(models, base).merge()  # an exact anchor: no warning
     assert report.layers[0].cos == pytest.approx(exact_cos, abs=1e-9)
+
+
+def test_the_rounding_warning_looks_at_rows_when_each_row_has_its_own_ratio():
+    """One row barely moves: its task vectors are mostly the anchor's rounding, which biases
+    that row's t (granularity row), not the whole tensor's (granularity tensor)."""
+    import warnings
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.nn.Linear(512, 8, bias=False)
+    models = [copy.deepcopy(base) for _ in range(2)]
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(8, 512, generator=g))
+        for m in models:
+            step = torch.randn(8, 512, generator=g) * 0.1
+            step[0] *= 1e-3  # row 0: ~1e-4 per element, about bfloat16's rounding of w0
+            m.weight.copy_(base.weight + step)
+    with pytest.warns(RuntimeWarning, match="rounding"):
+        PeriodicModelStock([copy.deepcopy(m) for m in models], base, granularity="row",
+                           anchor_dtype=torch.bfloat16).merge()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PeriodicModelStock([copy.deepcopy(m) for m in models], base, granularity="tensor",
+                           anchor_dtype=torch.bfloat16).merge()

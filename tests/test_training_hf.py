@@ -44,3 +44,10 @@ def test_trainer_callback_merges_two_replicas(tmp_path):
     for k, v in expected.items():
         torch.testing.assert_close(post[0][k], v, rtol=1e-6, atol=1e-7, msg=k)
         assert torch.equal(post[0][k], post[1][k]), k
+
+
+def test_the_callback_takes_the_buffer_policy():
+    from modelstock.training.hf import ModelStockCallback
+
+    cb = ModelStockCallback(anchor=torch.nn.Linear(2, 2), buffers="anchor", bucket_numel=1024)
+    assert cb._kwargs["buffers"] == "anchor" and cb._kwargs["bucket_numel"] == 1024

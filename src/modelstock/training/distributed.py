@@ -30,7 +30,15 @@ from ..plan import LayerPlan, plan_merge
 from ..recipe import Recipe
 from ..report import LayerReport, MergeReport, layer_report
 from ..rules import Copy, Follow, Mean, ModelStock
-from .periodic import Anchor, Periodic, anchor_reader, live_tensors, prepare_anchor, warn_rounding
+from .periodic import (
+    Anchor,
+    Periodic,
+    anchor_reader,
+    live_tensors,
+    prepare_anchor,
+    rounding_shares,
+    warn_rounding,
+)
 
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_BUCKET_NUMEL = 1 << 24  # 64 MiB of float32 in flight per all-reduce
@@ -145,6 +153,11 @@ class DistributedModelStock(Periodic):
         # in for the N replicas (the rules depend only on names, shapes and dtypes).
         plan = plan_merge(anchor_reader(self.anchor, live), [local, local], self.recipe)
         self.plan, self.layers, self.warnings = plan, plan.layers, list(plan.warnings)
+        unsupported = [p for p in self.layers if not isinstance(p.rule, ModelStock | Mean | Follow
+                                                                   | Copy)]
+        if unsupported:  # the rules _merge knows how to reduce across replicas
+            raise ModelStockError(f"rule {unsupported[0].rule.name} cannot run in a distributed "
+                                  "merge", tensor=unsupported[0].name)
         self._check_replicas_agree()
 
     # -- collectives -------------------------------------------------------------------------
@@ -197,6 +210,7 @@ class DistributedModelStock(Periodic):
         if count[0] != -count[1]:
             raise ModelStockError(f"replicas are at different merges ({int(-count[1]) + 1} to "
                                   f"{int(count[0]) + 1}): call step()/merge() in lockstep")
+        shares = self._rounding_shares(live)
         reports: dict[str, LayerReport] = {}
         self._t: dict[str, torch.Tensor] = {}
         # Statistics first, so that a follower finds its owner's ratio.
@@ -214,8 +228,19 @@ class DistributedModelStock(Periodic):
                              layers=[reports[p.name] for p in self.layers], anchor="anchor",
                              models=[f"replica {i}" for i in range(self.n)],
                              warnings=list(self.warnings), buffers=self.recipe.buffers)
-        warn_rounding(report, self.rounding)
+        warn_rounding(report, shares)
         return report
+
+    def _rounding_shares(self, live: dict[str, torch.Tensor]) -> dict[str, float]:
+        """`rounding_shares` over every replica (each measures its own, the largest wins)."""
+        if not self.rounding:
+            return {}
+        mine = rounding_shares(self.anchor, [live], self.rounding,
+                               self.recipe.granularity == "row")
+        names = sorted(mine)
+        worst = torch.tensor([mine[k] for k in names], dtype=torch.float64, device=self.device)
+        self._all_reduce([worst], "comparing the anchor's rounding", dist.ReduceOp.MAX)
+        return dict(zip(names, worst.tolist(), strict=True))
 
     def _compute_dtype(self, p: LayerPlan) -> torch.dtype:
         if not p.out_dtype.is_floating_point:

@@ -16,7 +16,12 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
-from .distributed import DEFAULT_TIMEOUT_S, DistributedModelStock, join_replica_group
+from .distributed import (
+    DEFAULT_BUCKET_NUMEL,
+    DEFAULT_TIMEOUT_S,
+    DistributedModelStock,
+    join_replica_group,
+)
 from .periodic import Anchor
 
 
@@ -33,18 +38,21 @@ def init_replica_process_group(backend: str | None = None,
 class ModelStockCallback(TrainerCallback):
     """Merge the replicas' models every ``period`` optimizer steps (``unit="step"``) or epochs
     (``unit="epoch"``), and once more at the end of training unless the last step just merged
-    (``merge_at_end``). Options are those of `DistributedModelStock`. Each merge's report is kept
+    (``merge_at_end``). Options are those of `DistributedModelStock` (one rank per
+    replica, so no ``ranks_per_replica`` or ``group``). Each merge's report is kept
     in ``reports``; its mean ``t`` and angle go to the Trainer's log history."""
 
     def __init__(self, anchor: Anchor, period: int = 1, unit: str = "step",
                  optimizer_state: str = "keep", granularity: str = "tensor", clamp: bool = True,
                  anchor_device: str | torch.device | None = "cpu",
                  anchor_dtype: torch.dtype | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 merge_at_end: bool = True) -> None:
+                 merge_at_end: bool = True, buffers: str = "follow",
+                 bucket_numel: int = DEFAULT_BUCKET_NUMEL) -> None:
         self._anchor = anchor
         self._kwargs = dict(period=period, unit=unit, optimizer_state=optimizer_state,
                             granularity=granularity, clamp=clamp, anchor_device=anchor_device,
-                            anchor_dtype=anchor_dtype, timeout=timeout)
+                            anchor_dtype=anchor_dtype, timeout=timeout, buffers=buffers,
+                            bucket_numel=bucket_numel)
         self.unit, self.merge_at_end = unit, merge_at_end
         self.merger: DistributedModelStock | None = None
         self.reports: list = []

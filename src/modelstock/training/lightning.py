@@ -35,7 +35,12 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from ..errors import ModelStockError
 from ..report import MergeReport
-from .distributed import DEFAULT_TIMEOUT_S, DistributedModelStock, join_replica_group
+from .distributed import (
+    DEFAULT_BUCKET_NUMEL,
+    DEFAULT_TIMEOUT_S,
+    DistributedModelStock,
+    join_replica_group,
+)
 from .periodic import UNITS, Anchor
 
 
@@ -58,7 +63,8 @@ class ModelStockCallback(pl.Callback):
     """Merge the replicas' models every ``period`` optimizer steps (``unit="step"``, counted as
     ``trainer.global_step``: batches that only accumulate gradients do not count) or training
     epochs (``unit="epoch"``), and once more at the end of training unless the last step just
-    merged (``merge_at_end``). Options are those of `DistributedModelStock`. The whole
+    merged (``merge_at_end``). Options are those of `DistributedModelStock` (one rank per
+    replica, so no ``ranks_per_replica`` or ``group``). The whole
     LightningModule is merged: ``anchor`` is the pretrained LightningModule (or its state dict),
     the same on every replica.
 
@@ -77,7 +83,8 @@ class ModelStockCallback(pl.Callback):
                  optimizer_state: str = "keep", granularity: str = "tensor", clamp: bool = True,
                  anchor_device: str | torch.device | None = "cpu",
                  anchor_dtype: torch.dtype | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 merge_at_end: bool = True) -> None:
+                 merge_at_end: bool = True, buffers: str = "follow",
+                 bucket_numel: int = DEFAULT_BUCKET_NUMEL) -> None:
         if not isinstance(period, int) or isinstance(period, bool) or period < 1:
             raise ModelStockError(f"period must be a positive integer, got {period!r}")
         if unit not in UNITS:
@@ -85,7 +92,8 @@ class ModelStockCallback(pl.Callback):
         self._anchor = anchor
         self._kwargs = dict(period=period, unit=unit, optimizer_state=optimizer_state,
                             granularity=granularity, clamp=clamp, anchor_device=anchor_device,
-                            anchor_dtype=anchor_dtype, timeout=timeout)
+                            anchor_dtype=anchor_dtype, timeout=timeout, buffers=buffers,
+                            bucket_numel=bucket_numel)
         self.period, self.unit, self.merge_at_end = period, unit, merge_at_end
         self.merger: DistributedModelStock | None = None
         self.reports: list[MergeReport] = []

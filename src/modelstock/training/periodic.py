@@ -59,8 +59,9 @@ def copy_anchor(state: Mapping[str, torch.Tensor], names: Mapping[str, torch.Ten
     """A private copy of the anchor's tensors that the models also have (``names``), on ``device``
     (None: next to the models) and, for floating tensors, in ``dtype`` (None: as stored).
 
-    Also returns, per tensor that ``dtype`` rounds, ``|w0 - rounded(w0)|^2``: every task vector
-    measured against the rounded anchor carries that same error (see `rounding_bias`)."""
+    Also returns, per tensor that ``dtype`` rounds, ``|w0 - rounded(w0)|^2`` (one value per row
+    for tensors of two or more dimensions): every task vector measured against the rounded
+    anchor carries that same error (see `rounding_shares`)."""
     if dtype is not None and not dtype.is_floating_point:
         raise ModelStockError(f"anchor_dtype must be a floating dtype, got {dtype}")
     out, rounding = {}, {}
@@ -71,10 +72,10 @@ def copy_anchor(state: Mapping[str, torch.Tensor], names: Mapping[str, torch.Ten
         out[name] = value.detach().to(device=device or names[name].device, dtype=to_dtype,
                                       copy=True)
         if to_dtype != value.dtype:
-            err = float((value.detach().double() - out[name].to(value.device).double())
-                        .square().sum())
-            if err > 0:
-                rounding[name] = err
+            err = (value.detach().double() - out[name].to(value.device).double()).square()
+            err = err.reshape(err.shape[0], -1).sum(1) if err.ndim >= 2 else err.sum()
+            if bool((err > 0).any()):
+                rounding[name] = err.cpu()
     return out, rounding
 
 
@@ -83,27 +84,47 @@ def copy_anchor(state: Mapping[str, torch.Tensor], names: Mapping[str, torch.Ten
 ROUNDING_SHARE = 0.01
 
 
-def rounding_bias(report: MergeReport, rounding: Mapping[str, float]) -> str | None:
+def rounding_shares(anchor: Mapping[str, torch.Tensor],
+                    states: Sequence[Mapping[str, torch.Tensor]],
+                    rounding: Mapping[str, torch.Tensor], rows: bool) -> dict[str, float]:
+    """Per tensor, the largest share of a task vector's squared norm that is the anchor's
+    rounding error, over the models in ``states`` (and over rows when each row has its own
+    ratio, ``rows``): ``|e|^2 / |w_i - rounded(w0)|^2``."""
+    shares = {}
+    for name, e2 in rounding.items():
+        w0 = anchor[name]
+        worst = 0.0
+        for state in states:
+            d = state[name].detach().double() - w0.to(state[name].device).double()
+            sq = d.square().reshape(d.shape[0], -1).sum(1) if d.ndim >= 2 else d.square().sum()
+            err = e2.to(sq.device)
+            if not rows or d.ndim < 2:
+                sq, err = sq.sum().reshape(1), err.sum().reshape(1)
+            moved = sq > 0
+            if bool(moved.any()):
+                worst = max(worst, float((err[moved] / sq[moved]).max()))
+        shares[name] = worst
+    return shares
+
+
+def rounding_bias(report: MergeReport, shares: Mapping[str, float]) -> str | None:
     """A warning when a low-precision anchor biases the merge. Against a rounded anchor every
-    task vector is ``d_i + e`` with the same rounding error ``e`` (``rounding[name]`` holds
-    ``|e|^2``), so each Gram entry gains ``|e|^2`` and cos drifts towards 1 by about
-    ``r (1 - cos)``, ``r = |e|^2 / |d_i + e|^2``. Names the layers where ``r`` exceeds
-    `ROUNDING_SHARE`, with the worst."""
-    biased = []
-    for layer in report.layers:
-        e2 = rounding.get(layer.name)
-        if not e2 or layer.rule != "model_stock" or not layer.norms or min(layer.norms) == 0:
-            continue
-        share = e2 / min(layer.norms) ** 2
-        if share > ROUNDING_SHARE:
-            biased.append((share, layer.name, layer.cos))
+    task vector is ``d_i + e`` with the same rounding error ``e``, so each Gram entry gains
+    ``|e|^2`` and cos drifts towards 1 by about ``r (1 - cos)``, ``r = |e|^2 / |d_i + e|^2``
+    (`rounding_shares`). Names the tensors where ``r`` exceeds `ROUNDING_SHARE`, with the
+    worst."""
+    layers = {x.name: x for x in report.layers if x.rule == "model_stock"}
+    biased = sorted((r, name) for name, r in shares.items()
+                    if name in layers and r > ROUNDING_SHARE)
     if not biased:
         return None
-    share, name, cos = max(biased)
+    share, name = biased[-1]
+    cos = layers[name].cos
     return (f"the anchor's rounding (anchor_dtype) is a large part of the task vectors in "
-            f"{len(biased)} layer(s), which biases their cos towards 1; worst {name}: "
-            f"{min(share, 1.0):.0%} of |w_i - w0|^2 is rounding, cos {cos:.3f} measured. "
-            "Keep the anchor in the models' dtype (anchor_dtype=None) for this merge")
+            f"{len(biased)} tensor(s), which biases their cos towards 1; worst {name}: "
+            f"{min(share, 1.0):.0%} of |w_i - w0|^2 is rounding"
+            + ("" if cos is None else f", cos {cos:.3f} measured")
+            + ". Keep the anchor in the models' dtype (anchor_dtype=None) for this merge")
 
 
 def anchor_reader(anchor: Mapping[str, torch.Tensor], models: Mapping[str, torch.Tensor]
@@ -236,12 +257,14 @@ class PeriodicModelStock(Periodic):
 
     def _merge(self) -> MergeReport:
         states = [live_tensors(m) for m in self.models]
+        shares = rounding_shares(self.anchor, states, self.rounding,
+                                 self.recipe.granularity == "row")
         device = next(iter(states[0].values())).device
         models = [StateDictReader(s, f"model {i}") for i, s in enumerate(states)]
         sink = InPlaceSink(states)
         _, report = merge_readers(anchor_reader(self.anchor, states[0]), models, self.recipe,
                                   Execution(device=str(device)), lambda plan: sink)
-        warn_rounding(report, self.rounding)
+        warn_rounding(report, shares)
         return report
 
 
@@ -262,9 +285,9 @@ def prepare_anchor(anchor: Anchor, model: torch.nn.Module,
     return copy_anchor(full, live_tensors(model), device, dtype)
 
 
-def warn_rounding(report: MergeReport, rounding: Mapping[str, float]) -> None:
+def warn_rounding(report: MergeReport, shares: Mapping[str, float]) -> None:
     """Add `rounding_bias`'s warning, if any, to the report and to Python's warnings."""
-    message = rounding_bias(report, rounding) if rounding else None
+    message = rounding_bias(report, shares) if shares else None
     if message:
         report.warnings.append(message)
         warnings.warn(f"modelstock: {message}", RuntimeWarning, stacklevel=3)
