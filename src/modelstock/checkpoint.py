@@ -322,9 +322,12 @@ def find_weights(directory: Path) -> Path:
 
 def open_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module,
                     trust_pickle: bool = False, strip_prefix: str | None = None) -> Reader:
-    """Open a model directory, a weights file, an index JSON, a state dict or a module."""
-    if isinstance(source, Mapping | torch.nn.Module):
-        reader: Reader = StateDictReader(source)
+    """Open a model directory, a weights file, an index JSON, a state dict or a module (an
+    object that is already a reader, with ``infos`` and ``read``, is taken as it is)."""
+    if hasattr(source, "infos") and hasattr(source, "read"):
+        reader: Reader = source  # type: ignore[assignment]
+    elif isinstance(source, Mapping | torch.nn.Module):
+        reader = StateDictReader(source)
     else:
         path = Path(source)
         if not path.exists():

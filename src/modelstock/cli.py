@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import click
 import torch
@@ -240,6 +241,12 @@ RECIPE_FLAGS = ("method", "alpha", "weights", "granularity", "dtype", "score")
               help="Where to run the arithmetic (e.g. cuda). Inputs stream from disk either way.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Worker threads for the arithmetic on CPU [default: cores, at most 4].")
+@click.option("--rank", type=click.IntRange(min=1), default=None, metavar="R",
+              help="LoRA adapters: compress the merged adapter to its best rank-R "
+                   "approximation (default: exact, rank = the sum of the adapters' ranks).")
+@click.option("--merge-into-base", "into_base", is_flag=True,
+              help="LoRA adapters: write the full model, ANCHOR (the base) plus the merged "
+                   "delta, instead of an adapter.")
 @click.option("-f", "--force", is_flag=True,
               help="Replace an existing output (only once the new one is complete).")
 @click.option("--buffered-writes", is_flag=True,
@@ -249,7 +256,8 @@ RECIPE_FLAGS = ("method", "alpha", "weights", "granularity", "dtype", "score")
 @click.pass_context
 def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granularity,
           no_clamp, average, keep_anchor, buffers, dtype, shard_size, chunk_size, strip_prefix,
-          trust_pickle, allow_nonfinite, device, threads, force, buffered_writes, quiet):
+          trust_pickle, allow_nonfinite, device, threads, rank, into_base, force,
+          buffered_writes, quiet):
     """Merge fine-tuned MODELs with their pretrained ANCHOR into OUT.
 
     ANCHOR is the pretrained model the fine-tunes started from (with the head they started
@@ -269,6 +277,12 @@ def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granu
       modelstock merge ./base ./ft0 ./ft1 -o ./wise --method wise-ft --alpha 0.5
       modelstock merge ./base ./ft0 ./ft1 ./ft2 -o ./soup --method greedy --score evals:accuracy
       modelstock merge --config merge.yml -o ./merged
+
+    \b
+    LoRA adapters (PEFT directories) merge in factor space, exactly:
+      modelstock merge ./base ./lora-seed0 ./lora-seed1 -o ./merged-lora
+      modelstock merge ./lora-seed0 ./lora-seed1 -o ./merged-lora --rank 16   # no base needed
+      modelstock merge ./base ./lora-seed0 ./lora-seed1 -o ./merged --merge-into-base
     """
     if config is not None:
         if anchor is not None:
@@ -284,6 +298,9 @@ def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granu
         raise click.UsageError("--score is required by, and only used by, --method greedy")
     if method == "greedy" and weights is not None:
         raise click.UsageError("--weights: a greedy soup is the plain mean of the kept models")
+    lora = None if config is not None else _lora_inputs(ctx, anchor, models, method, into_base)
+    if lora is None and (rank is not None or into_base):
+        raise click.UsageError("--rank and --merge-into-base are for LoRA adapter directories")
     io_kw = {"shard_size": shard_size, "force": force, "trust_pickle": trust_pickle,
              "strip_prefix": strip_prefix, "progress": not quiet,
              "direct_io": not buffered_writes}
@@ -292,7 +309,10 @@ def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granu
 
     def job():
         nonlocal anchor, models
-        if config is not None:
+        if lora is not None:
+            report = _merge_lora(lora, out, granularity, not no_clamp, rank, dtype, into_base,
+                                 io_kw, engine)
+        elif config is not None:
             from .config import load_config
 
             cfg = load_config(config)
@@ -320,6 +340,47 @@ def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granu
             click.echo(report.summary() + f"\nwritten      {out}", err=True)
 
     run_guarded(job)
+
+
+# Flags that mean nothing for LoRA adapters (their merge is Model Stock in factor space).
+NOT_FOR_LORA = ("alpha", "weights", "score", "average", "keep_anchor", "buffers",
+                "strip_prefix", "allow_nonfinite")
+
+
+def _lora_inputs(ctx, anchor, models, method, into_base):
+    """``(base or None, adapters)`` when the inputs are LoRA adapters, else None."""
+    from .lora.into_base import adapters_and_base
+
+    try:
+        lora = adapters_and_base(anchor, models)
+    except ModelStockError as e:
+        click.echo(f"modelstock: error: {e}", err=True)
+        sys.exit(1)
+    if lora is None:
+        return None
+    given = [f"--{n.replace('_', '-')}" for n in NOT_FOR_LORA
+             if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
+    if method != "model-stock" or given:
+        raise click.UsageError(f"{given[0] if given else '--method ' + method} does not apply "
+                               "to LoRA adapters (merged with Model Stock in factor space)")
+    if into_base and lora[0] is None:
+        raise click.UsageError("--merge-into-base needs the base model as ANCHOR")
+    return lora
+
+
+def _merge_lora(lora, out, granularity, clamp, rank, dtype, into_base, io_kw, engine):
+    from .lora import merge_lora, merge_lora_adapters
+    from .lora.into_base import merge_into_base
+
+    base, adapters = lora
+    kw = {"base": base, "granularity": granularity, "clamp": clamp, "rank": rank,
+          "trust_pickle": io_kw["trust_pickle"], "threads": engine["threads"]}
+    if not into_base:
+        return merge_lora_adapters(adapters, out, force=io_kw["force"], dtype=dtype, **kw)
+    merged = merge_lora(adapters, **kw)
+    return merge_into_base(merged, base, out, dtype=dtype, chunk_numel=engine["chunk_numel"],
+                           device=engine["device"], threads=engine["threads"],
+                           **{k: v for k, v in io_kw.items() if k != "strip_prefix"})
 
 
 @main.command("inspect")
@@ -351,6 +412,19 @@ def inspect_cmd(anchor, models, json_path, csv_path, plot_path, html_path, full,
     from .render import text, write_outputs
 
     def job():
+        from .lora.into_base import adapters_and_base
+
+        lora = adapters_and_base(anchor, models)
+        if lora is not None:
+            if csv_path or plot_path or html_path:
+                raise ModelStockError("for LoRA adapters, inspect writes --json only (yet)")
+            from .lora import inspect_lora
+
+            report = inspect_lora(lora[1], base=lora[0], trust_pickle=trust_pickle)
+            click.echo(report.summary())
+            if json_path:
+                Path(json_path).write_text(report.to_json() + "\n")
+            return
         if plot_path or html_path:
             from .plots import require
             require()
