@@ -77,3 +77,18 @@ def test_inspect_and_errors(llama, tmp_path) -> None:  # noqa: F811
                    "--method", "uniform")
     assert proc.returncode == 2 and "does not apply to LoRA" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+@PEFT_QUIET
+def test_adapter_output_refuses_full_model_flags_and_a_foreign_base(llama, tmp_path) -> None:  # noqa: F811
+    transformers = pytest.importorskip("transformers")
+    base, _, paths, _, root = llama
+    proc = run_cli("merge", *map(str, paths), "-o", str(tmp_path / "x"), "--device", "meta")
+    assert proc.returncode == 2 and "--merge-into-base" in proc.stderr
+    other = transformers.LlamaConfig(vocab_size=50, hidden_size=8, intermediate_size=12,
+                                     num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=1)
+    transformers.LlamaForCausalLM(other).save_pretrained(tmp_path / "other")
+    proc = run_cli("merge", str(tmp_path / "other"), *map(str, paths), "-o", str(tmp_path / "x"))
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "delta is" in proc.stderr and not (tmp_path / "x").exists()

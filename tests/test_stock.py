@@ -244,3 +244,9 @@ def test_block_step_holds_whole_rows() -> None:
     assert _blocks.block_step(1000) % 1000 == 0 and _blocks.block_step(1000) <= _blocks.BLOCK_NUMEL
     big = _blocks.BLOCK_NUMEL * 3
     assert _blocks.block_step(big) == big  # at least one row
+
+
+def test_all_finite_sees_nan_in_complex_and_empty_is_finite() -> None:
+    z = torch.tensor([1 + 1j, complex(float("nan"), 0.0)], dtype=torch.complex64)
+    assert not _blocks.all_finite(z)
+    assert _blocks.all_finite(z[:1]) and _blocks.all_finite(torch.empty(0))

@@ -342,9 +342,11 @@ def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granu
     run_guarded(job)
 
 
-# Flags that mean nothing for LoRA adapters (their merge is Model Stock in factor space).
+# Flags that mean nothing for LoRA adapters (their merge is Model Stock in factor space), and
+# those that only the full model of --merge-into-base uses (the engine and the writer).
 NOT_FOR_LORA = ("alpha", "weights", "score", "average", "keep_anchor", "buffers",
                 "strip_prefix", "allow_nonfinite")
+WRITER_FLAGS = ("device", "chunk_size", "shard_size", "buffered_writes")
 
 
 def _lora_inputs(ctx, anchor, models, method, into_base):
@@ -365,22 +367,34 @@ def _lora_inputs(ctx, anchor, models, method, into_base):
                                "to LoRA adapters (merged with Model Stock in factor space)")
     if into_base and lora[0] is None:
         raise click.UsageError("--merge-into-base needs the base model as ANCHOR")
+    writer = [f"--{n.replace('_', '-')}" for n in WRITER_FLAGS
+              if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
+    if writer and not into_base:
+        raise click.UsageError(f"{writer[0]} applies to a full model (--merge-into-base), not "
+                               "to a merged adapter")
     return lora
 
 
 def _merge_lora(lora, out, granularity, clamp, rank, dtype, into_base, io_kw, engine):
-    from .lora import merge_lora, merge_lora_adapters
-    from .lora.into_base import merge_into_base
+    from .checkpoint import open_checkpoint
+    from .lora import merge_lora
+    from .lora.into_base import MergedIntoBase, merge_into_base
+    from .output import check_output_path
 
     base, adapters = lora
-    kw = {"base": base, "granularity": granularity, "clamp": clamp, "rank": rank,
-          "trust_pickle": io_kw["trust_pickle"], "threads": engine["threads"]}
-    if not into_base:
-        return merge_lora_adapters(adapters, out, force=io_kw["force"], dtype=dtype, **kw)
-    merged = merge_lora(adapters, **kw)
-    return merge_into_base(merged, base, out, dtype=dtype, chunk_numel=engine["chunk_numel"],
-                           device=engine["device"], threads=engine["threads"],
-                           **{k: v for k, v in io_kw.items() if k != "strip_prefix"})
+    check_output_path(Path(out), [*adapters, *([base] if base else [])], io_kw["force"])
+    merged = merge_lora(adapters, base=base, granularity=granularity, clamp=clamp, rank=rank,
+                        dtype=None if into_base else dtype, trust_pickle=io_kw["trust_pickle"],
+                        threads=engine["threads"])
+    if into_base:
+        return merge_into_base(merged, base, out, dtype=dtype,
+                               chunk_numel=engine["chunk_numel"], device=engine["device"],
+                               threads=engine["threads"],
+                               **{k: v for k, v in io_kw.items() if k != "strip_prefix"})
+    if base is not None:  # the base must hold every adapted module, shaped as the delta
+        MergedIntoBase(open_checkpoint(base, io_kw["trust_pickle"]), merged).close()
+    merged.save(out, io_kw["force"])
+    return merged.report
 
 
 @main.command("inspect")
