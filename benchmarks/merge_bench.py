@@ -155,6 +155,9 @@ def main() -> None:
     ap.add_argument("--modelstock-args", default="", help="extra args for modelstock merge")
     ap.add_argument("--torch-path", action="store_true",
                     help="also run our merge without the C loops (MODELSTOCK_KERNELS=0)")
+    ap.add_argument("--scaling", default=None, metavar="N1,N2,...",
+                    help="also run our merge with the first N1, N2, ... fine-tunes (of --models) "
+                         "in the same rounds, and print time and peak RSS against the smallest")
     ap.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
                     help="also run the merge of another checkout's src/ (e.g. an older commit "
                          "in a git worktree, its C loops built in place): same rounds")
@@ -169,9 +172,9 @@ def main() -> None:
     files = [str(d / "model.safetensors") for d in dirs]
 
     py = sys.executable
-    def our_merge(out: Path) -> tuple:
-        return (py, "module", "modelstock",
-                ["merge", *map(str, dirs), "-o", str(out), "-q", *args.modelstock_args.split()])
+    def our_merge(out: Path, n: int = args.models) -> tuple:
+        return (py, "module", "modelstock", ["merge", *map(str, dirs[: n + 1]), "-o", str(out),
+                                             "-q", *args.modelstock_args.split()])
 
     runners = {
         "modelstock": our_merge,
@@ -180,6 +183,11 @@ def main() -> None:
     }
     if args.torch_path:
         runners["torch-path"] = lambda out: (*our_merge(out), {"MODELSTOCK_KERNELS": "0"})
+    sizes = sorted(int(x) for x in args.scaling.split(",")) if args.scaling else []
+    for n in sizes:
+        if not 1 <= n <= args.models:
+            raise SystemExit(f"--scaling: {n} is not between 1 and --models {args.models}")
+        runners[f"N={n}"] = lambda out, n=n: our_merge(out, n)
     if args.baseline_src is not None:
         runners["baseline"] = lambda out: (*our_merge(out),
                                            {"PYTHONPATH": str(args.baseline_src.resolve())})
@@ -205,7 +213,7 @@ def main() -> None:
             py_, kind, target, argv, *extra = make(out)
             results[name].append(run_measured(py_, kind, target, argv,
                                               env=env | (extra[0] if extra else {})))
-            if r < args.repeats - 1 or name.startswith(("floor", "torch", "baseline")):
+            if r < args.repeats - 1 or name.startswith(("floor", "torch", "baseline", "N=")):
                 shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(
                     missing_ok=True)
             print(f"round {r} {name:10s} wall {results[name][-1][0]:7.2f} s  "
@@ -224,6 +232,12 @@ def main() -> None:
         print(f"  ours/{k:13s} wall {ours[0] / med[k][0]:.2f}x (ratio of medians); per round "
               f"{' '.join(f'{x:.2f}' for x in per_round)}, median "
               f"{statistics.median(per_round):.2f}x")
+    for n in sizes[1:]:
+        small, k = f"N={sizes[0]}", f"N={n}"
+        per_round = [a[0] / b[0] for a, b in zip(results[k], results[small], strict=True)]
+        print(f"  {k}/{small}  wall per round {' '.join(f'{x:.2f}' for x in per_round)}, median "
+              f"{statistics.median(per_round):.2f}x for {n / sizes[0]:.1f}x the fine-tunes; "
+              f"peak RSS {med[k][1]:.0f} / {med[small][1]:.0f} MiB")
     if "mergekit" in med:
         mk = med["mergekit"]
         print(f"  ours/mergekit  wall {ours[0] / mk[0]:.2f}x   peak RSS {ours[1] / mk[1]:.2f}x")
