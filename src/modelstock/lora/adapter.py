@@ -208,8 +208,26 @@ def parse_lora_config(config: object, path: str | os.PathLike = CONFIG_NAME) -> 
         task_type=task if isinstance(task, str) else None, peft_type="LORA", use_dora=False)
 
 
+class Factors:
+    """What follows from a pair of LoRA factors ``A`` (``[r, ...]``) and a layer ``kind``: the
+    rank, and whether the delta ``B @ A`` is transposed against the base weight."""
+
+    A: torch.Tensor
+    kind: str
+    fan_in_fan_out: bool
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the base weight is ``(B A)^T``-shaped: an embedding, or ``fan_in_fan_out``."""
+        return self.kind == "embedding" or self.fan_in_fan_out
+
+
 @dataclass
-class LoraModule:
+class LoraModule(Factors):
     """One module's LoRA factors in PEFT's layout, and its scaling.
 
     ``A`` is ``[r, in]`` and ``B`` ``[out, r]`` (an embedding: ``[r, num_embeddings]`` and
@@ -222,15 +240,6 @@ class LoraModule:
     scaling: float
     kind: str = "linear"
     fan_in_fan_out: bool = False
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def transposed(self) -> bool:
-        """Whether the base weight is ``(B A)^T``-shaped: an embedding, or ``fan_in_fan_out``."""
-        return self.kind == "embedding" or self.fan_in_fan_out
 
     @property
     def shape(self) -> tuple[int, int]:

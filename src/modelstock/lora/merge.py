@@ -40,6 +40,7 @@ from .adapter import (
     CONFIG_NAME,
     FACTOR_SUFFIXES,
     PREFIX,
+    Factors,
     LoraAdapter,
     LoraModule,
     LoraSettings,
@@ -61,7 +62,7 @@ BaseSource = str | os.PathLike | dict | torch.nn.Module | None
 
 
 @dataclass
-class MergedModule:
+class MergedModule(Factors):
     """One module of the merged adapter: PEFT factors with scaling 1 (``delta = B @ A``,
     transposed for an embedding or ``fan_in_fan_out``), the ratio ``t`` applied (a scalar, or
     one per row of the base weight), the rank before compression and, after compression, its
@@ -76,14 +77,6 @@ class MergedModule:
     t: torch.Tensor
     merged_rank: int
     rel_error: float | None = None
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def transposed(self) -> bool:
-        return self.kind == "embedding" or self.fan_in_fan_out
 
     def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The dense merged delta (for checks: it is ``out x in``)."""
