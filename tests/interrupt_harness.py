@@ -28,6 +28,7 @@ import random
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -137,9 +138,39 @@ def run_child(argv: list[str], log: Path, trial: dict, ready_fd: int | None = No
     os._exit(code)
 
 
+HUNG = "hung"  # the exit status of a child that outlived TRIAL_TIMEOUT_S (then killed)
+TRIAL_TIMEOUT_S = 60.0  # a trial takes well under a second; one that hangs must not stall all
+
+
+def _wait(pid: int, log: Path) -> int | str:
+    """Wait for the child; past `TRIAL_TIMEOUT_S`, append its threads' kernel stacks (and
+    Python stacks where py-spy is installed) to ``log``, kill it and return `HUNG`."""
+    deadline = time.monotonic() + TRIAL_TIMEOUT_S
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            with open(log, "a") as f:
+                f.write(f"\nHUNG after {TRIAL_TIMEOUT_S:g} s\n")
+                for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+                    stack = task / "stack"
+                    f.write(f"thread {task.name}: "
+                            f"{stack.read_text() if os.access(stack, os.R_OK) else '?'}\n")
+                f.flush()
+                if shutil.which("py-spy"):
+                    subprocess.run(["py-spy", "dump", "--pid", str(pid)], stdout=f,
+                                   stderr=subprocess.STDOUT, timeout=30, check=False)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return HUNG
+        time.sleep(0.002)
+
+
 def fork_run(argv: list[str], log: Path, trial: dict, kill_after: float | None = None
-             ) -> tuple[int, float]:
-    """Run one child; return its exit status (negative: killed by that signal) and seconds.
+             ) -> tuple[int | str, float]:
+    """Run one child; return its exit status (negative: killed by that signal; `HUNG`: it
+    outlived `TRIAL_TIMEOUT_S`) and seconds.
 
     With ``kill_after``, the signal goes that many seconds after the child's own set-up (fork
     hooks, redirections), so that it lands in the CLI and not in this harness."""
@@ -162,8 +193,10 @@ def fork_run(argv: list[str], log: Path, trial: dict, kill_after: float | None =
             os.kill(pid, SIGNALS[trial["signal"]])
         except ProcessLookupError:
             pass
-    _, status = os.waitpid(pid, 0)
+    status = _wait(pid, log)
     seconds = time.perf_counter() - start
+    if status == HUNG:
+        return HUNG, seconds
     if os.WIFSIGNALED(status):
         return -os.WTERMSIG(status), seconds
     return os.WEXITSTATUS(status), seconds
@@ -318,6 +351,8 @@ def check(trial: dict, force: bool) -> list[str]:
     """What is wrong with a finished trial (empty: nothing)."""
     problems = []
     state, code, mode = trial["state"], trial["exit"], trial["mode"]
+    if code == HUNG:
+        return [f"the merge hung (killed after {TRIAL_TIMEOUT_S:g} s; stacks in its log)"]
     killed = mode in ("signal", "timed") and trial["signal"] == "KILL"
     if state == "corrupt":
         problems.append("the output is neither absent/old nor complete")
