@@ -84,6 +84,17 @@ def join_replica_group(backend: str | None = None, timeout: float = DEFAULT_TIME
     return rank
 
 
+def merge_statistics(report: MergeReport) -> dict[str, float]:
+    """What the training callbacks log about a merge: the mean ``t`` and mean angle over the
+    tensors whose ratio came from an angle (not copies, averages or running statistics);
+    empty when there are none."""
+    merged = [x for x in report.layers if x.t is not None and x.angle_deg is not None]
+    if not merged:
+        return {}
+    return {"modelstock_mean_t": sum(x.t for x in merged) / len(merged),
+            "modelstock_mean_angle": sum(x.angle_deg for x in merged) / len(merged)}
+
+
 def _seconds(timeout: float | timedelta) -> float:
     return timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
 

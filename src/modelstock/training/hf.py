@@ -21,6 +21,7 @@ from .distributed import (
     DEFAULT_TIMEOUT_S,
     DistributedModelStock,
     join_replica_group,
+    merge_statistics,
 )
 from .periodic import Anchor
 
@@ -75,12 +76,10 @@ class ModelStockCallback(TrainerCallback):
     def _record(self, report, state) -> None:
         self.reports.append(report)
         self._merged_at = self.merger.steps
-        merged = [x for x in report.layers if x.t is not None and x.angle_deg is not None]
-        if merged:
-            state.log_history.append({
-                "modelstock_merge": self.merger.merges, "step": state.global_step,
-                "modelstock_mean_t": sum(x.t for x in merged) / len(merged),
-                "modelstock_mean_angle": sum(x.angle_deg for x in merged) / len(merged)})
+        stats = merge_statistics(report)
+        if stats:
+            state.log_history.append({"modelstock_merge": self.merger.merges,
+                                      "step": state.global_step, **stats})
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if self.unit == "step":

@@ -40,6 +40,7 @@ from .distributed import (
     DEFAULT_TIMEOUT_S,
     DistributedModelStock,
     join_replica_group,
+    merge_statistics,
 )
 from .periodic import UNITS, Anchor
 
@@ -176,13 +177,8 @@ class ModelStockCallback(pl.Callback):
     def _record(self, report: MergeReport, trainer: pl.Trainer, in_batch: bool) -> None:
         self.reports.append(report)
         self._merged_at = self.merger.steps
-        # the Model Stock layers: a ratio from an angle (not copies, averages, running stats)
-        merged = [x for x in report.layers if x.t is not None and x.angle_deg is not None]
         entry: dict[str, float] = {"modelstock_merge": self.merger.merges,
-                                   "step": trainer.global_step}
-        if merged:
-            entry["modelstock_mean_t"] = sum(x.t for x in merged) / len(merged)
-            entry["modelstock_mean_angle"] = sum(x.angle_deg for x in merged) / len(merged)
+                                   "step": trainer.global_step, **merge_statistics(report)}
         self.history.append(entry)
         metrics = {k: float(v) for k, v in entry.items() if k != "step"}
         for logger in trainer.loggers:
