@@ -415,6 +415,7 @@ class Merger:
             note = p.rule.note(g, self.n) if self.recipe.granularity != "model" else None
             reports.append(self.describe(p, g, t, note=self._join(p.note, note)))
             self.write_interpolated(p, t, total, measured=g is not None)
+            self._known[p.name] = (t, None)  # a follower needs t; per-row Grams would pile up
         self._flush()
         return reports
 
