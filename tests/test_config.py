@@ -239,9 +239,14 @@ MS = {"merge_method": "model_stock", "base_model": "base", "models": [{"model": 
 @pytest.mark.parametrize("change, key", [
     ({"slices": [{"sources": []}]}, "slices"),
     ({"modules": {}}, "modules"),
-    ({"tokenizer": {"source": "union"}}, "tokenizer"),
-    ({"chat_template": "chatml"}, "chat_template"),
-    ({"tokenizer_source": "union"}, "tokenizer_source"),
+    ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": "a"}}}},
+     "tokenizer.tokens"),
+    ({"tokenizer": {"source": "union", "pad_to_multiple_of": 0}}, "pad_to_multiple_of"),
+    ({"tokenizer": {"sorce": "union"}}, "tokenizer.sorce"),
+    ({"tokenizer": "union"}, "tokenizer"),
+    ({"tokenizer": {"source": "union"}, "tokenizer_source": "base"}, "tokenizer_source"),
+    ({"chat_template": ["chatml"]}, "chat_template"),
+    ({"tokenizer_source": ""}, "tokenizer_source"),
     ({"merge_method": "ties"}, "merge_method"),
     ({"lora_rank": 8}, "lora_rank"),
     ({"parameters": {"filter_wise": [True, False]}}, "parameters.filter_wise"),
@@ -391,3 +396,50 @@ def test_cli_config_excludes_recipe_flags_and_models(tmp_path: Path, paths: list
     assert result.exit_code == 2 and "ANCHOR" in result.output
     result = CliRunner().invoke(main, ["merge", "-o", out])
     assert result.exit_code == 2 and "--config" in result.output
+
+
+# -- vocabularies, chat templates, LoRA references -------------------------------------------
+
+@pytest.mark.parametrize("change, source, pad, template", [
+    ({}, "base", None, None),  # mergekit: the base model's tokenizer
+    ({"tokenizer_source": "union"}, "union", None, None),
+    ({"tokenizer_source": "base"}, "base", None, None),
+    ({"tokenizer_source": "a"}, "a", None, None),
+    ({"tokenizer": {"source": "union", "pad_to_multiple_of": 64}}, "union", 64, None),
+    ({"tokenizer": {"pad_to_multiple_of": 8}}, "union", 8, None),  # mergekit's default source
+    ({"chat_template": "chatml"}, "base", None, "chatml"),
+])
+def test_vocabulary_keys_map_to_options(change: dict, source: str, pad, template) -> None:
+    opts = parse_config({**MS, **change}).options
+    assert opts.tokenizer_source == source
+    assert opts.pad_to_multiple_of == pad
+    assert opts.chat_template == template
+
+
+def test_without_base_model_the_first_models_tokenizer() -> None:
+    doc = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}},
+                                                {"model": "b", "parameters": {"weight": 1}}]}
+    assert parse_config(doc).options.tokenizer_source == "a"
+
+
+def test_lora_references_in_both_spellings() -> None:
+    doc = {**MS, "models": [{"model": "org/a+org/lora-a"},
+                            {"model": {"model": {"path": "org/b", "revision": "v1"},
+                                       "lora": "./lora-b"}},
+                            {"model": {"model": "org/c", "lora": {"path": "org/l",
+                                                                  "revision": "r"}}}]}
+    assert parse_config(doc).models == ["org/a+org/lora-a", "org/b@v1+./lora-b",
+                                        "org/c+org/l@r"]
+
+
+def test_cli_says_once_where_model_stock_differs_from_mergekit(tmp_path: Path,
+                                                               paths: list[str]) -> None:
+    from modelstock.config import MERGEKIT_DIFFERENCES
+
+    base, *fts = paths
+    cfg = write_yaml(tmp_path, {**MS, "base_model": base, "models": [{"model": m} for m in fts]})
+    result = CliRunner().invoke(main, ["merge", "--config", cfg, "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert result.output.count(MERGEKIT_DIFFERENCES) == 1
+    quiet = CliRunner().invoke(main, ["merge", "--config", cfg, "-o", str(tmp_path / "q"), "-q"])
+    assert MERGEKIT_DIFFERENCES not in quiet.output

@@ -660,3 +660,31 @@ def test_peft_conv1d_modules_to_save_and_biases(tmp_path):
         want, got = ref(x), loaded(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(base(x), want)
+
+
+@PEFT_QUIET
+def test_model_plus_lora_references_are_the_merged_and_unloaded_models(llama, tmp_path):
+    """mergekit's ``model+lora``: each input is the base with one adapter applied; the merge
+    equals the merge of PEFT's merge_and_unload() state dicts (to float32 rounding), from the
+    Python API and from a YAML through the CLI."""
+    import yaml
+
+    from tests.conftest import merged_by_cli
+
+    base, state0, paths, finetunes, root = llama
+    refs = [f"{root / 'base'}+{p}" for p in paths]
+    got, report = merge_state_dicts(str(root / "base"), refs)
+    want, _ = merge_state_dicts(state0, finetunes)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert report.models == refs
+    doc = {"merge_method": "model_stock", "base_model": str(root / "base"),
+           "models": [{"model": refs[0]}, {"model": {"model": {"path": str(root / "base")},
+                                  "lora": {"path": str(paths[1])}}},
+                      {"model": refs[2], "parameters": {"weight": 1.0}}]}
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(doc))
+    out = merged_by_cli("--config", str(tmp_path / "m.yml"), "-o", str(tmp_path / "out"),
+                        "--no-clamp")
+    clamped_off, _ = merge_state_dicts(state0, finetunes, clamp=False)
+    for k, v in clamped_off.items():
+        torch.testing.assert_close(out[k], v, rtol=1e-5, atol=1e-6, msg=k)

@@ -6,6 +6,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from . import __version__, hub
 from .checkpoint import Reader, open_checkpoint
 from .engine import DictSink, merge_readers
+from .errors import ModelStockError
 from .output import (
     REPORT_NAME,
     SafetensorsSink,
@@ -24,6 +26,7 @@ from .output import (
 from .recipe import Execution, MergeOptions, Recipe
 from .report import MergeReport
 from .ties import align_ties
+from .vocab import align_vocab, write_tokenizer_files
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -46,46 +49,123 @@ def _options(options: Recipe | Execution | None, kwargs: dict) -> MergeOptions:
                     f"{type(options).__name__}")
 
 
+@dataclass(frozen=True)
+class LoraReference:
+    """mergekit's ``model+lora``: a model with one LoRA adapter applied (PEFT's
+    ``merge_and_unload``), both local once located."""
+
+    model: Path
+    adapter: Path
+
+    @property
+    def files(self) -> Path:
+        """Where its config and tokenizer are: the adapter's directory if it saved a tokenizer
+        (a fine-tune that added tokens), else the model's."""
+        return self.adapter if (self.adapter / "tokenizer_config.json").is_file() else self.model
+
+
+def lora_reference(source: object) -> tuple[str, str] | None:
+    """``(model, adapter)`` for a ``model+adapter`` string that names nothing on disk."""
+    if not isinstance(source, str) or "+" not in source or os.path.lexists(source):
+        return None
+    model, _, adapter = source.partition("+")
+    return (model, adapter) if model and adapter else None
+
+
 def _locate(sources: Sequence[Source], progress: bool = True
             ) -> tuple[list[Source], list[str | None]]:
     """Hub ids (``org/name[@revision]``, see `hub.resolve`) become local snapshot directories,
-    fetched first if need be; every other input is kept. Also returns, per input, the id as
-    written (``None`` for the rest): what the report and the model card record."""
+    fetched first if need be, and ``model+lora`` references a `LoraReference`; every other
+    input is kept. Also returns, per input, the reference as written (``None`` for the rest):
+    what the report and the model card record."""
+    def place(src: str) -> Path:
+        return hub.resolve(src, progress=progress) if hub.is_hub_id(src) else Path(src)
+
     local: list[Source] = []
     labels: list[str | None] = []
     for src in sources:
+        ref = lora_reference(src)
+        if ref is not None:
+            local.append(LoraReference(place(ref[0]), place(ref[1])))  # type: ignore[arg-type]
+            labels.append(src)  # type: ignore[arg-type]
+            continue
         is_id = hub.is_hub_id(src)
         local.append(hub.resolve(src, progress=progress) if is_id else src)  # type: ignore[arg-type]
         labels.append(src if is_id else None)  # type: ignore[arg-type]
     return local, labels
 
 
+def _files_of(src: Source) -> Source:
+    """Where an input's config and tokenizer files are (a `LoraReference`'s, or itself)."""
+    return src.files if isinstance(src, LoraReference) else src
+
+
+def _open(src: Source, trust_pickle: bool, strip_prefix: str | None) -> Reader:
+    if not isinstance(src, LoraReference):
+        return open_checkpoint(src, trust_pickle, strip_prefix)
+    from .lora.into_base import apply_adapter
+
+    base = open_checkpoint(src.model, trust_pickle, strip_prefix)
+    try:
+        return apply_adapter(base, src.adapter, trust_pickle)
+    except BaseException:
+        base.close()
+        raise
+
+
+def _written(src: Source, label: str | None) -> str:
+    """How an input is named to the user: the Hub id or path as written."""
+    if label is not None:
+        return label
+    return os.fspath(src) if isinstance(src, str | os.PathLike) else "<state dict>"
+
+
+def _tokenizer_source(value: str, written: Sequence[str]) -> str:
+    """``union``, ``base``, or the input ``value`` names (as written, or the same path)."""
+    if value in ("union", "base") or value in written:
+        return value
+    for w in written:
+        if os.path.exists(w) and os.path.exists(value) and os.path.samefile(w, value):
+            return w
+    raise ModelStockError(f"tokenizer source {value!r} is not one of the models; give 'union', "
+                          f"'base' or a model as written: {', '.join(written)}")
+
+
 def _open_all(anchor: Source, models: Sequence[Source], trust_pickle: bool,
               strip_prefix: str | None, progress: bool = True,
-              labels: Sequence[str | None] | None = None
+              labels: Sequence[str | None] | None = None, recipe: Recipe | None = None
               ) -> tuple[Reader, list[Reader], list[str]]:
     """Open every input; the fine-tunes are presented with the anchor's tied embeddings
-    (`ties.align_ties`), whose decisions come back as warnings for the report.
+    (`ties.align_ties`) and every input's embedding rows in the output vocabulary's order
+    (`vocab.align_vocab`, by the ``recipe``'s tokenizer source); their decisions come back as
+    warnings for the report.
 
     Hub ids are resolved first (`_locate`; ``progress``: the download bars) and their readers
     named by the id as written. A caller that resolved already passes the local sources and
     their ``labels``."""
+    recipe = recipe or Recipe()
     sources = [anchor, *models]
     if labels is None:
         sources, labels = _locate(sources, progress)
+    written = [_written(s, w) for s, w in zip(sources, labels, strict=True)]
+    source = _tokenizer_source(recipe.tokenizer_source, written)
     opened: list[Reader] = []
     try:
         for src, label in zip(sources, labels, strict=True):
-            opened.append(open_checkpoint(src, trust_pickle, strip_prefix))
+            opened.append(_open(src, trust_pickle, strip_prefix))
             if label is not None:
                 opened[-1].path = label
+        sources = [_files_of(s) for s in sources]
         aligned, notes = align_ties(opened[0], opened[1:], sources)
         notes = [w for r in opened for w in getattr(r, "warnings", ())] + notes
+        a, aligned, more = align_vocab(opened[0], aligned, sources, written, source,
+                                       recipe.pad_to_multiple_of, recipe.weights)
+        notes += more
     except BaseException:
         for r in opened:
             r.close()
         raise
-    return opened[0], aligned, notes
+    return a, aligned, notes
 
 
 def merge_state_dicts(anchor: Source, models: Sequence[Source],
@@ -99,7 +179,8 @@ def merge_state_dicts(anchor: Source, models: Sequence[Source],
     Keyword options are those of `MergeOptions` (method, granularity, clamp, alpha, ...).
     """
     opts = _options(options, kwargs)
-    a, ms, notes = _open_all(anchor, models, trust_pickle, strip_prefix, progress)
+    a, ms, notes = _open_all(anchor, models, trust_pickle, strip_prefix, progress,
+                             recipe=opts.recipe)
     try:
         sink, report = merge_readers(a, ms, opts.recipe, opts.execution,
                                      lambda plan: DictSink(plan.layers, opts.device), progress,
@@ -136,9 +217,11 @@ def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.Pa
     # Before any download: an existing output is refused at once.
     check_output_path(out, [s for s in sources if not hub.is_hub_id(s)], force)
     local, labels = _locate(sources, progress)
-    if any(labels):
-        check_output_path(out, local, force)  # nor may the output be a fetched snapshot
-    a, ms, notes = _open_all(local[0], local[1:], trust_pickle, strip_prefix, labels=labels)
+    if any(labels):  # nor may the output be a fetched snapshot
+        check_output_path(out, [p for s in local for p in (
+            [s.model, s.adapter] if isinstance(s, LoraReference) else [s])], force)
+    a, ms, notes = _open_all(local[0], local[1:], trust_pickle, strip_prefix, labels=labels,
+                             recipe=opts.recipe)
     names = [a.path, *(m.path for m in ms)]
     recipe = {**opts.recipe.to_dict(), "anchor": names[0], "models": names[1:],
               "modelstock_version": __version__}
@@ -168,8 +251,13 @@ def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.Pa
             if annotate is not None:
                 annotate(report)
             if not sink.single_file:
-                if isinstance(local[0], str | os.PathLike) and Path(local[0]).is_dir():
-                    copy_anchor_files(Path(local[0]), tmp, opts.dtype)
+                files = [_files_of(s) for s in local]
+                if isinstance(files[0], str | os.PathLike) and Path(files[0]).is_dir():
+                    copy_anchor_files(Path(files[0]), tmp, opts.dtype)
+                written = [_written(s, w) for s, w in zip(local, labels, strict=True)]
+                report.warnings += write_tokenizer_files(
+                    tmp, files, written, getattr(a, "vocabulary", None),
+                    _tokenizer_source(opts.tokenizer_source, written), opts.chat_template)
                 (tmp / REPORT_NAME).write_text(report.to_json() + "\n")
                 (tmp / "README.md").write_text(model_card(names[0], names[1:], recipe,
                                                           report.summary()))

@@ -180,7 +180,8 @@ def _weights(ctx, param, value):
 
 
 # Flags that say what to compute; a --config file says that instead.
-RECIPE_FLAGS = ("method", "alpha", "weights", "granularity", "dtype", "score")
+RECIPE_FLAGS = ("method", "alpha", "weights", "granularity", "dtype", "score",
+                "tokenizer_source", "pad_to_multiple_of", "chat_template")
 
 
 @main.command()
@@ -225,6 +226,17 @@ RECIPE_FLAGS = ("method", "alpha", "weights", "granularity", "dtype", "score")
                    "or --alpha), keep the anchor's, or average the fine-tunes'.")
 @click.option("--dtype", callback=_dtype, default=None,
               help="Output dtype for floating tensors (default: the anchor's), e.g. bfloat16.")
+@click.option("--tokenizer-source", default="union", show_default=True,
+              metavar="union|base|MODEL",
+              help="Output vocabulary when fine-tunes added tokens: the union of all (rows of "
+                   "tokens the anchor lacks are averaged over the fine-tunes that have them), "
+                   "the anchor's, or one MODEL's (as written). Embedding rows are aligned by "
+                   "token from each input's tokenizer files.")
+@click.option("--pad-to-multiple-of", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Pad the embedding rows to a multiple of N [default: as the inputs were].")
+@click.option("--chat-template", default=None, metavar="auto|chatml|JINJA",
+              help="Chat template of the output tokenizer: the most common among the inputs "
+                   "(auto), ChatML, or a Jinja template [default: the tokenizer source's].")
 @click.option("--shard-size", type=SizeType(), default=str(DEFAULT_SHARD_BYTES),
               show_default="5GB", help="Largest output shard.")
 @click.option("--chunk-size", type=int, default=DEFAULT_CHUNK_NUMEL, show_default=True,
@@ -255,9 +267,9 @@ RECIPE_FLAGS = ("method", "alpha", "weights", "granularity", "dtype", "score")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.pass_context
 def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granularity,
-          no_clamp, average, keep_anchor, buffers, dtype, shard_size, chunk_size, strip_prefix,
-          trust_pickle, allow_nonfinite, device, threads, rank, into_base, force,
-          buffered_writes, quiet):
+          no_clamp, average, keep_anchor, buffers, dtype, tokenizer_source, pad_to_multiple_of,
+          chat_template, shard_size, chunk_size, strip_prefix, trust_pickle, allow_nonfinite,
+          device, threads, rank, into_base, force, buffered_writes, quiet):
     """Merge fine-tuned MODELs with their pretrained ANCHOR into OUT.
 
     ANCHOR is the pretrained model the fine-tunes started from (with the head they started
@@ -306,6 +318,8 @@ def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granu
              "direct_io": not buffered_writes}
     engine = {"chunk_numel": chunk_size, "allow_nonfinite": allow_nonfinite, "device": device,
               "threads": threads}
+    vocab = {"tokenizer_source": tokenizer_source, "pad_to_multiple_of": pad_to_multiple_of,
+             "chat_template": chat_template}
 
     def job():
         nonlocal anchor, models
@@ -313,10 +327,12 @@ def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granu
             report = _merge_lora(lora, out, granularity, not no_clamp, rank, dtype, into_base,
                                  io_kw, engine)
         elif config is not None:
-            from .config import load_config
+            from .config import MERGEKIT_DIFFERENCES, load_config
 
             cfg = load_config(config)
             anchor, models = cfg.anchor, cfg.models
+            if cfg.merge_method == "model_stock" and not quiet:
+                click.echo(f"note: {MERGEKIT_DIFFERENCES}", err=True)
             opts = dataclasses.replace(cfg.options, clamp=not no_clamp, average=average,
                                        keep_anchor=keep_anchor, buffers=buffers, **engine)
             report = merge_checkpoints(anchor, models, out, opts, annotate=cfg.annotate,
@@ -328,13 +344,13 @@ def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granu
                                              alpha=alpha,
                                              clamp=not no_clamp, average=average,
                                              keep_anchor=keep_anchor, buffers=buffers,
-                                             dtype=dtype, **engine,
+                                             dtype=dtype, **engine, **vocab,
                                              **io_kw)
         else:
             opts = MergeOptions(method=method, granularity=granularity, clamp=not no_clamp,
                                 alpha=alpha, weights=weights, average=average,
                                 keep_anchor=keep_anchor, buffers=buffers, dtype=dtype,
-                                **engine)
+                                **engine, **vocab)
             report = merge_checkpoints(anchor, models, out, opts, **io_kw)
         if not quiet:
             click.echo(report.summary() + f"\nwritten      {out}", err=True)
@@ -345,7 +361,8 @@ def merge(ctx, anchor, models, out, config, method, alpha, weights, score, granu
 # Flags that mean nothing for LoRA adapters (their merge is Model Stock in factor space), and
 # those that only the full model of --merge-into-base uses (the engine and the writer).
 NOT_FOR_LORA = ("alpha", "weights", "score", "average", "keep_anchor", "buffers",
-                "strip_prefix", "allow_nonfinite")
+                "strip_prefix", "allow_nonfinite", "tokenizer_source", "pad_to_multiple_of",
+                "chat_template")
 WRITER_FLAGS = ("device", "chunk_size", "shard_size", "buffered_writes")
 
 
@@ -429,15 +446,22 @@ def inspect_cmd(anchor, models, json_path, csv_path, plot_path, html_path, full,
         from .lora.into_base import adapters_and_base
 
         lora = adapters_and_base(anchor, models)
-        if lora is not None:
-            if csv_path or plot_path or html_path:
-                raise ModelStockError("for LoRA adapters, inspect writes --json only (yet)")
-            from .lora import inspect_lora
+        if lora is not None:  # the same tables, findings and files, from the factors
+            if strip_prefix:
+                raise ModelStockError("--strip-prefix does not apply to LoRA adapters (their "
+                                      "module names are PEFT's)")
+            if plot_path or html_path:
+                from .plots import require
+                require()
+            from .lora import inspect_lora_adapters
 
-            report = inspect_lora(lora[1], base=lora[0], trust_pickle=trust_pickle)
-            click.echo(report.summary())
-            if json_path:
-                Path(json_path).write_text(report.to_json() + "\n")
+            insp = inspect_lora_adapters(lora[1], base=lora[0], head=head,
+                                         trust_pickle=trust_pickle)
+            click.echo(text(insp, full))
+            summary = dataclasses.replace(insp.merge_report(), warnings=[]).summary()
+            click.echo(f"\n{summary}")  # t and angles over all modules (warnings: above)
+            write_outputs(insp, json_path=json_path, csv_path=csv_path, plot_path=plot_path,
+                          html_path=html_path)
             return
         if plot_path or html_path:
             from .plots import require

@@ -3,11 +3,16 @@
 Supported (with mergekit's meaning, see README): ``merge_method`` ``model_stock`` (parameter
 ``filter_wise``), ``linear`` (per-model ``weight``, top-level ``weight`` and ``normalize``) and
 ``average`` (our name for a plain mean of the ``models``); ``base_model``; ``models`` (each
-``model: PATH`` and optional ``parameters``); ``dtype``; ``out_dtype``; ``tokenizer_source:
-base``. A model is a local path (relative to the working directory, as in mergekit) or a
+``model: PATH`` and optional ``parameters``); ``dtype``; ``out_dtype``; ``tokenizer_source``
+(``union``, ``base`` or a model) or a ``tokenizer:`` section (``source``,
+``pad_to_multiple_of``); ``chat_template``. Without either, the output takes the base model's
+vocabulary, as mergekit's does (its rows aligned by token here). A model is a local path
+(relative to the working directory, as in mergekit) or a
 Hugging Face Hub id, ``org/name`` or ``org/name@revision`` (mergekit's spelling; also its
 mapping ``{model: {path: org/name, revision: REV}}``), fetched when the merge opens it
-(`modelstock.hub`); a local path of the same spelling wins.
+(`modelstock.hub`); a local path of the same spelling wins. ``model+lora`` (or ``{model: ...,
+lora: ...}``) is that model with the LoRA adapter applied, as PEFT's ``merge_and_unload``
+gives it.
 
 mergekit 0.1.5's ``model_stock`` (``mergekit/merge_methods/model_stock.py``) declares one
 parameter, ``filter_wise``, read from the top-level ``parameters`` only; every other parameter,
@@ -35,18 +40,24 @@ CONFIG_METHODS = ("model_stock", "linear", "average")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 TOP_KEYS = ("merge_method", "base_model", "models", "dtype", "out_dtype", "parameters",
-            "tokenizer_source")
+            "tokenizer_source", "tokenizer", "chat_template")
 UNSUPPORTED_KEYS = {
     "slices": "layer slices (frankenmerges) are not supported; list whole models under models",
     "modules": "per-module merges are not supported; list whole models under models",
-    "tokenizer": "tokenizer surgery is not supported (the output takes the anchor's tokenizer)",
-    "chat_template": "chat templates are not set (the output takes the anchor's files)",
 }
+TOKENIZER_KEYS = ("source", "pad_to_multiple_of")
 GLOBAL_PARAMETERS = {"model_stock": ("filter_wise",), "linear": ("normalize", "weight"),
                      "average": ()}
 MODEL_PARAMETERS = {"model_stock": (), "linear": ("weight",), "average": ()}
 # Methods whose undeclared parameters mergekit never reads: accepted with a warning, not refused.
 IGNORES_OTHER_PARAMETERS = ("model_stock",)
+# Said once at run time for a model_stock config (and in the README): where this engine
+# deliberately computes something other than mergekit 0.1.5 from the same YAML.
+MERGEKIT_DIFFERENCES = (
+    "model_stock here differs from mergekit on purpose: t is clamped to [0, 1] (mergekit "
+    "extrapolates where cos < 0; --no-clamp for its rule), angles are accumulated in float64 "
+    "and arithmetic is float32 or wider (mergekit computes in `dtype`), and an embedding's t "
+    "comes from the rows of the base's tokens only")
 # MergeOptions fields a mergekit YAML does without: how a merge runs, and allow_nonfinite (which
 # only matters for inputs holding NaN or Inf).
 EXECUTION_FIELDS = ("chunk_numel", "device", "threads", "allow_nonfinite")
@@ -79,19 +90,20 @@ def _path(value: object, key: str, source: str) -> str:
     if isinstance(value, Mapping):
         value = _reference(value, key, source)
     if isinstance(value, str) and value.strip():
-        if "+" in value and not os.path.lexists(value):
-            raise _fail(source, f"{key}: {value!r}: LoRA references (model+lora) are not "
-                                "supported; merge the adapter into its model first")
         return value
     raise _fail(source, f"{key}: expected a local path or a Hub id (org/name[@revision]), got "
                         f"{value!r}")
 
 
 def _reference(ref: Mapping, key: str, source: str) -> str:
-    """mergekit's ``ModelReference`` mapping (``model: {path, revision}``, no ``lora``)."""
-    if ref.get("lora") is not None:
-        raise _fail(source, f"{key}.lora: LoRA references are not supported; merge the adapter "
-                            "into its model first")
+    """mergekit's ``ModelReference`` mapping (``model: {path, revision}``, ``lora``)."""
+    lora = ref.get("lora")
+    if lora is not None:
+        inner = dict(ref)
+        del inner["lora"]
+        if isinstance(lora, Mapping):  # a ModelPath: {path, revision}
+            lora = _reference({"model": lora}, f"{key}.lora", source)
+        return f"{_reference(inner, key, source)}+{_path(lora, f'{key}.lora', source)}"
     extra = [k for k in ref if k not in ("model", "lora")]
     if extra:
         raise _fail(source, f"{key}.{extra[0]}: not supported (supported: model: {{path, "
@@ -171,6 +183,46 @@ def _ignored_warning(method: str, where: str, ignored: dict[str, list[str]]) -> 
             f"too){hint}")
 
 
+def _vocabulary(data: Mapping, base: str | None, first: str, source: str) -> dict:
+    """``tokenizer_source``, the ``tokenizer`` section and ``chat_template`` as options.
+    Without either key, mergekit's output takes the tokenizer of the base model (else of the
+    ``first`` model)."""
+    section = data.get("tokenizer")
+    if section is not None and "tokenizer_source" in data:
+        raise _fail(source, "give tokenizer_source or a tokenizer section, not both")
+    if section is not None:
+        if not isinstance(section, Mapping):
+            raise _fail(source, "tokenizer: expected a mapping (source, pad_to_multiple_of)")
+        if "tokens" in section:
+            raise _fail(source, "tokenizer.tokens: per-token embedding sources are not "
+                                "supported (rows of tokens the base lacks are averaged over "
+                                "the models that have them)")
+        extra = [k for k in section if k not in TOKENIZER_KEYS]
+        if extra:
+            raise _fail(source, f"tokenizer.{extra[0]}: unknown key (supported: "
+                                f"{', '.join(TOKENIZER_KEYS)})")
+        value, key = section.get("source", "union"), "tokenizer.source"
+    else:
+        value, key = data.get("tokenizer_source", base or first), "tokenizer_source"
+    if isinstance(value, Mapping):
+        value = _reference(value, key, source)
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(source, f"{key}: expected union, base or a model, got {value!r}")
+    if value == "base" and base is None:
+        raise _fail(source, f"{key}: 'base' needs base_model")
+    if value == "base":  # the base model's vocabulary, whichever input is the anchor
+        value = base
+    pad = (section or {}).get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise _fail(source, f"tokenizer.pad_to_multiple_of: expected a positive integer, got "
+                            f"{pad!r}")
+    template = data.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise _fail(source, f"chat_template: expected auto, a template name or a Jinja "
+                            f"template, got {template!r}")
+    return {"tokenizer_source": value, "pad_to_multiple_of": pad, "chat_template": template}
+
+
 def parse_config(data: object, source: str = "<config>") -> MergeConfig:
     """Turn a loaded mergekit YAML document into a `MergeConfig`; any key this engine cannot
     honour raises a `ModelStockError` naming it."""
@@ -185,14 +237,8 @@ def parse_config(data: object, source: str = "<config>") -> MergeConfig:
     if method not in CONFIG_METHODS:
         raise _fail(source, f"merge_method: {method!r} is not supported "
                             f"(supported: {', '.join(CONFIG_METHODS)})")
-    tokenizer_source = data.get("tokenizer_source")
-    if tokenizer_source not in (None, "base"):
-        raise _fail(source, f"tokenizer_source: {tokenizer_source!r} is not supported (only "
-                            "'base': the output takes the anchor's tokenizer files)")
     base = data.get("base_model")
     base = None if base is None else _path(base, "base_model", source)
-    if tokenizer_source == "base" and base is None:
-        raise _fail(source, "tokenizer_source: 'base' needs base_model")
     lenient = method in IGNORES_OTHER_PARAMETERS
     ignored_top: dict[str, list[str]] = {}
     ignored_models: dict[str, list[str]] = {}
@@ -223,6 +269,7 @@ def parse_config(data: object, source: str = "<config>") -> MergeConfig:
     dtype = _dtype(data.get("dtype"), "dtype", source)
     out_dtype = _dtype(data.get("out_dtype"), "out_dtype", source)
     common = {
+        **_vocabulary(data, base, models[0] if models else base, source),
         # mergekit writes its compute dtype when out_dtype is absent; we compute in float32
         # (float64 if asked or if an input is float64), never lower.
         "dtype": out_dtype or dtype,
@@ -291,14 +338,16 @@ def to_mergekit_yaml(anchor: str, models: Sequence[str], options: MergeOptions) 
     pair whose norm product is below 1e-6 gets a smaller ``|cos|`` (and ``t``) there than here.
     Without an output dtype (``options.dtype``) mergekit computes in the inputs' dtype (we in
     float32); with one, ``dtype: float32`` is written so that it computes as we do.
-    ``load_config`` reads the YAML back with our default ``clamp=True``."""
+    ``load_config`` reads the YAML back with our default ``clamp=True``. Our default tokenizer
+    source, ``union``, is written out (mergekit's default is the base's tokenizer; mergekit's
+    union needs tokenizer files in every model, even when the vocabularies agree)."""
     import yaml
 
     if options.method not in ("model-stock", "linear"):
         raise ModelStockError(f"mergekit YAML cannot express method {options.method}")
     default = MergeOptions(method=options.method, weights=options.weights)
     skip = {"method", "weights", "normalize", "dtype", "compute_dtype", "clamp",
-            *EXECUTION_FIELDS}
+            "tokenizer_source", "pad_to_multiple_of", "chat_template", *EXECUTION_FIELDS}
     names = [f.name for f in dataclasses.fields(MergeOptions)]
     unexpressed = [n for n in names if n not in skip
                    and getattr(options, n) != getattr(default, n)]
@@ -334,4 +383,15 @@ def to_mergekit_yaml(anchor: str, models: Sequence[str], options: MergeOptions) 
         doc["dtype"] = "float32"
     if options.dtype is not None:
         doc["out_dtype"] = str(options.dtype).removeprefix("torch.")
+    vocab = options.tokenizer_source
+    if vocab in ("base", anchor):
+        vocab = "base" if doc.get("base_model") == anchor else anchor
+    mergekit_default = "base" if "base_model" in doc else doc["models"][0]["model"]
+    if options.pad_to_multiple_of is None:
+        if vocab != mergekit_default:  # without the key, mergekit takes the base's tokenizer
+            doc["tokenizer_source"] = vocab
+    else:
+        doc["tokenizer"] = {"source": vocab, "pad_to_multiple_of": options.pad_to_multiple_of}
+    if options.chat_template is not None:
+        doc["chat_template"] = options.chat_template
     return yaml.safe_dump(doc, sort_keys=False)

@@ -176,7 +176,7 @@ class Merger:
         the next of `TOTAL_SLOTS` buffers, so that the workers can take it up while the main
         thread still finishes the tensor before; None for a tensor that does not fit."""
         row = p.row_numel(self.recipe)
-        if len(chunk_ranges(p.numel, self.exe.chunk_numel, row)) != 1:
+        if p.stat_rows is not None or len(chunk_ranges(p.numel, self.exe.chunk_numel, row)) != 1:
             return None
         dt = self._compute_dtype(p.name)
         self._total_slot = (self._total_slot + 1) % TOTAL_SLOTS
@@ -208,7 +208,7 @@ class Merger:
             self._flush()
             total, grams = None, []
             dt = self._compute_dtype(p.name)
-            for s, e in chunk_ranges(p.numel, self.exe.chunk_numel, row):
+            for s, e in self._stat_ranges(p, row):
                 w0, ws = self._chunks(p, s, e)
 
                 def piece(r: tuple[int, int], w0=w0, ws=ws) -> torch.Tensor:
@@ -224,6 +224,15 @@ class Merger:
         if not torch.isfinite(g).all():
             raise self._nonfinite(p, [self.anchor, *self.models])
         return g, total
+
+    def _stat_ranges(self, p: LayerPlan, row: int | None) -> list[tuple[int, int]]:
+        """Element ranges the statistics read: the whole tensor, or (with a tensor-level ratio)
+        only its ``stat_rows``."""
+        if p.stat_rows is None or row is not None:
+            return chunk_ranges(p.numel, self.exe.chunk_numel, row)
+        h = p.numel // p.shape[0]
+        return [(a * h + s, a * h + e) for a, b in p.stat_rows
+                for s, e in chunk_ranges((b - a) * h, self.exe.chunk_numel)]
 
     def describe(self, p: LayerPlan, g: torch.Tensor | None, t: torch.Tensor | None = None,
                  rule: str | None = None, note: str | None = None) -> LayerReport:
@@ -414,7 +423,7 @@ class Merger:
                 t, g = self.coefficients(p), self.known_gram(p)
             note = p.rule.note(g, self.n) if self.recipe.granularity != "model" else None
             reports.append(self.describe(p, g, t, note=self._join(p.note, note)))
-            self.write_interpolated(p, t, total, measured=g is not None)
+            self.write_interpolated(p, t, total, measured=g is not None and p.stat_rows is None)
             self._known[p.name] = (t, None)  # a follower needs t; per-row Grams would pile up
         self._flush()
         return reports
@@ -469,5 +478,7 @@ def merge_readers(anchor: Reader, models: Sequence[Reader], recipe: Recipe,
                          anchor=anchor.path, models=[m.path for m in models],
                          warnings=list(plan.warnings), buffers=recipe.buffers)
     report.model_cos, report.model_t = merger.global_cos, merger.global_t
+    vocabulary = getattr(anchor, "vocabulary", None)
+    report.vocabulary = None if vocabulary is None else vocabulary.summary()
     return sink, report
 

@@ -32,6 +32,9 @@ class LayerPlan:
     out_dtype: torch.dtype
     rule: Rule
     note: str | None = None
+    # Row ranges that alone give the statistics (embedding rows of the anchor's tokens, when
+    # vocabularies were aligned: `modelstock.vocab`); None: the whole tensor.
+    stat_rows: tuple[tuple[int, int], ...] | None = None
 
     @property
     def numel(self) -> int:
@@ -135,6 +138,7 @@ def plan_merge(anchor: Reader, models: Sequence[Reader], recipe: Recipe,
         plan.warnings.append(f"{len(buffers_from_anchor)} integer buffer(s) missing from some "
                              f"fine-tunes were taken from the anchor: "
                              f"{', '.join(buffers_from_anchor[:5])}")
+    stat_rows = getattr(anchor, "stat_rows", {})
     for name in names:
         if name in buffers_from_anchor:
             info = anchor.infos[name]
@@ -142,6 +146,9 @@ def plan_merge(anchor: Reader, models: Sequence[Reader], recipe: Recipe,
                                          note="missing from a fine-tune; taken from the anchor"))
         else:
             plan.layers.append(_plan_layer(name, anchor, models, recipe))
+            if name in stat_rows and plan.layers[-1].rule.has_stats:
+                plan.layers[-1].stat_rows = stat_rows[name]
+                plan.layers[-1].note = "rows aligned by token; statistics from the anchor's tokens"
     return plan
 
 

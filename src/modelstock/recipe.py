@@ -43,6 +43,11 @@ class Recipe:
     ``dtype``: output dtype of floating tensors (default: the anchor's). ``compute_dtype=
     torch.float64`` computes in float64 even for lower-precision inputs (never below float32).
     ``allow_nonfinite`` merges NaN/Inf elementwise instead of refusing them.
+    ``tokenizer_source``: the output vocabulary when the inputs' differ (fine-tunes that added
+    tokens): ``union`` of all, the anchor's (``base``), or one model's, named as given; rows
+    are aligned by token (`modelstock.vocab`). ``pad_to_multiple_of`` pads the embedding rows
+    (default: as the inputs were). ``chat_template``: ``auto``, ``chatml`` or a Jinja template
+    for the output's tokenizer (default: the tokenizer source's).
     """
 
     method: str = "model-stock"
@@ -57,6 +62,9 @@ class Recipe:
     dtype: torch.dtype | None = None
     compute_dtype: torch.dtype | None = None
     allow_nonfinite: bool = False
+    tokenizer_source: str = "union"
+    pad_to_multiple_of: int | None = None
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -90,6 +98,14 @@ class Recipe:
                                   f"got {self.compute_dtype}")
         if self.dtype is not None and not self.dtype.is_floating_point:
             raise ModelStockError(f"--dtype must be a floating dtype, got {self.dtype}")
+        if not isinstance(self.tokenizer_source, str) or not self.tokenizer_source:
+            raise ModelStockError(f"tokenizer source must be 'union', 'base' or a model, got "
+                                  f"{self.tokenizer_source!r}")
+        if self.pad_to_multiple_of is not None and (
+                isinstance(self.pad_to_multiple_of, bool)
+                or not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1):
+            raise ModelStockError(f"pad_to_multiple_of must be a positive integer, got "
+                                  f"{self.pad_to_multiple_of!r}")
 
     @property
     def min_models(self) -> int:

@@ -89,6 +89,7 @@ class MergeReport:
     model_cos: float | None = None
     model_t: float | None = None
     buffers: str | None = None
+    vocabulary: dict | None = None  # how embedding rows were aligned (`vocab.Alignment`)
     warnings: list[str] = field(default_factory=list)
     seconds: float | None = None
     output_bytes: int | None = None

@@ -4,9 +4,10 @@ atomic and durable output), one chunk of rows of ``B @ A`` at a time."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +18,8 @@ from ..errors import ModelStockError
 from ..output import check_output_path
 from ..report import MergeReport
 from ..safetensors_io import TensorInfo
-from .merge import LoraMerge, MergedModule, base_key
+from .adapter import Factors, read_lora_adapter
+from .merge import LoraMerge, base_key
 
 
 class MergedIntoBase:
@@ -25,10 +27,16 @@ class MergedIntoBase:
     float64, so that the output is rounded once) and each dense tensor the merge produced
     (``modules_to_save``, biases) as merged."""
 
-    def __init__(self, base: Reader, merged: LoraMerge) -> None:
+    def __init__(self, base: Reader, merged: LoraMerge | None = None, *,
+                 modules: Mapping[str, Factors] | None = None,
+                 dense: Mapping[str, torch.Tensor] | None = None) -> None:
+        """``merged``, or ``modules`` (factors with ``delta = B @ A``, scaling 1) and
+        ``dense`` tensors keyed as the adapter stores them."""
+        if merged is not None:
+            modules, dense = merged.modules, merged.dense
         self.path, self._base = f"{base.path} + merged LoRA", base
-        self._modules: dict[str, MergedModule] = {}
-        for m in merged.modules.values():
+        self._modules: dict[str, Factors] = {}
+        for m in (modules or {}).values():
             name = f"{m.name}.weight"
             if name not in base.infos:
                 raise ModelStockError("the base has no weight for this adapted module",
@@ -38,7 +46,7 @@ class MergedIntoBase:
                                       f"weight {list(base.infos[name].shape)}", base.path, name)
             self._modules[name] = m
         self._dense = {}
-        for key, value in merged.dense.items():
+        for key, value in (dense or {}).items():
             name = base_key(key)
             if name not in base.infos:
                 raise ModelStockError("the adapters save this tensor but the base lacks it",
@@ -68,6 +76,19 @@ class MergedIntoBase:
 
     def close(self) -> None:
         self._base.close()  # closing twice is harmless: readers let go once
+
+
+def apply_adapter(base: Reader, adapter: str | os.PathLike,
+                  trust_pickle: bool = False) -> MergedIntoBase:
+    """The base model with one LoRA adapter applied (what PEFT's ``merge_and_unload`` gives,
+    and mergekit's ``model+lora`` means), as a reader: ``w0 + s B A`` per adapted module, the
+    adapter's saved tensors (``modules_to_save``) in place of the base's."""
+    ad = read_lora_adapter(adapter, trust_pickle)
+    modules = {k: dataclasses.replace(m, B=m.B.double() * m.scaling, A=m.A.double(),
+                                      scaling=1.0) for k, m in ad.modules.items()}
+    reader = MergedIntoBase(base, modules=modules, dense=ad.dense)
+    reader.path = f"{base.path}+{adapter}"
+    return reader
 
 
 def merge_into_base(merged: LoraMerge, base: str | os.PathLike, out: str | os.PathLike, *,
