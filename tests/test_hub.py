@@ -10,7 +10,6 @@ at a closed local port so that any other request fails at once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ from modelstock.cli import main
 from modelstock.config import parse_config
 from modelstock.errors import ModelStockError
 from tests.conftest import make_finetunes
+from tests.llm_models import cache_repo, commit_of
 
 pytest.importorskip("huggingface_hub")
 import huggingface_hub  # noqa: E402
@@ -37,10 +37,6 @@ SHAPES = {"embed.weight": (40, 8), "layer.0.weight": (8, 8), "layer.0.bias": (8,
           "norm.weight": (8,), "head.weight": (3, 8)}
 CONFIG = {"model_type": "toy", "hidden_size": 8, "torch_dtype": "float32"}
 TOKENIZER = {"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0}}}
-
-
-def commit_of(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()
 
 
 def write_model(directory: Path, sd: dict, kind: str = "safetensors", extra: bool = True
@@ -67,24 +63,6 @@ def write_model(directory: Path, sd: dict, kind: str = "safetensors", extra: boo
         (directory / "tokenizer.json").write_text(json.dumps(TOKENIZER))
         (directory / "README.md").write_text("# a model card that is not copied\n")
     return directory
-
-
-def cache_repo(cache: Path, repo_id: str, source: Path, commit: str, refs=("main",)) -> Path:
-    """Put ``source``'s files into the Hub cache as ``repo_id`` at ``commit`` (blobs named by
-    content, snapshot entries relative symlinks, ``refs/<ref>`` holding the commit)."""
-    storage = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = storage / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (storage / "blobs").mkdir(exist_ok=True)
-    for f in sorted(source.iterdir()):
-        data = f.read_bytes()
-        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
-    for ref in refs:
-        (storage / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-        (storage / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 @pytest.fixture
