@@ -435,7 +435,7 @@ def vocab_rows(anchor: torch.Tensor, anchor_vocab: dict[str, int], tensors: Sequ
     """The expected merged embedding (rows = tokens) in float64: rows of the anchor's tokens by
     Model Stock with t from those rows only (a fine-tune lacking a token: zero delta there);
     tokens only fine-tunes have: the mean over those that have them; padding rows: the
-    anchor's mean token embedding."""
+    anchor's own row where it has one, else its mean token embedding."""
     a = anchor.double()
     anchor_ids = sorted(anchor_vocab.values())
     w0 = a[anchor_ids]
@@ -450,6 +450,8 @@ def vocab_rows(anchor: torch.Tensor, anchor_vocab: dict[str, int], tensors: Sequ
     n = len(out_vocab)
     out = torch.empty(padded(n, pad_to), a.shape[1], dtype=torch.float64)
     out[n:] = a[anchor_ids].mean(0)
+    own = range(n, min(len(out), a.shape[0]))  # padding the anchor has: its own rows
+    out[own.start:own.stop] = a[own.start:own.stop]
     for tok, j in out_vocab.items():
         if tok in anchor_vocab:
             out[j] = merged_anchor[anchor_ids.index(anchor_vocab[tok])]

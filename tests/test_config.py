@@ -401,25 +401,19 @@ def test_cli_config_excludes_recipe_flags_and_models(tmp_path: Path, paths: list
 # -- vocabularies, chat templates, LoRA references -------------------------------------------
 
 @pytest.mark.parametrize("change, source, pad, template", [
-    ({}, "base", None, None),  # mergekit: the base model's tokenizer
+    ({}, "union", None, None),  # mergekit: the base's, and refuses differing sizes
     ({"tokenizer_source": "union"}, "union", None, None),
     ({"tokenizer_source": "base"}, "base", None, None),
     ({"tokenizer_source": "a"}, "a", None, None),
     ({"tokenizer": {"source": "union", "pad_to_multiple_of": 64}}, "union", 64, None),
     ({"tokenizer": {"pad_to_multiple_of": 8}}, "union", 8, None),  # mergekit's default source
-    ({"chat_template": "chatml"}, "base", None, "chatml"),
+    ({"chat_template": "chatml"}, "union", None, "chatml"),
 ])
 def test_vocabulary_keys_map_to_options(change: dict, source: str, pad, template) -> None:
     opts = parse_config({**MS, **change}).options
     assert opts.tokenizer_source == source
     assert opts.pad_to_multiple_of == pad
     assert opts.chat_template == template
-
-
-def test_without_base_model_the_first_models_tokenizer() -> None:
-    doc = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}},
-                                                {"model": "b", "parameters": {"weight": 1}}]}
-    assert parse_config(doc).options.tokenizer_source == "a"
 
 
 def test_lora_references_in_both_spellings() -> None:

@@ -367,12 +367,11 @@ def test_config_model_references() -> None:
                                    {"model": {"model": {"path": "org/b", "revision": "r2"}}},
                                    {"model": {"model": "org/c", "lora": None}}]}, "m.yml")
     assert (cfg.anchor, cfg.models) == ("org/base", ["org/a@v1", "org/b@r2", "org/c"])
+    lora = parse_config({"merge_method": "model_stock", "base_model": "org/base",
+                         "models": [{"model": "org/a+org/lora"},
+                                    {"model": {"model": "org/a", "lora": "org/l@v2"}}]})
+    assert lora.models == ["org/a+org/lora", "org/a+org/l@v2"]
     for ref, message in [
-        ("org/a+org/lora", "models[0].model: 'org/a+org/lora': LoRA references (model+lora) "
-                           "are not supported; merge the adapter into its model first"),
-        ({"model": "org/a", "lora": "org/l"}, "models[0].model.lora: LoRA references are not "
-                                              "supported; merge the adapter into its model "
-                                              "first"),
         ({"model": {"path": "org/a", "revision": 3}}, "models[0].model.model.revision: "
                                                       "expected a branch, tag or commit, got 3"),
         ({"model": {"path": "org/a", "subfolder": "x"}}, "models[0].model.model.subfolder: "

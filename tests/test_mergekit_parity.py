@@ -141,8 +141,7 @@ def runs(tmp_path_factory) -> dict:
         "bf16": model_stock_doc(bf16[0], bf16[1:3], dtype="bfloat16"),
         # what to_mergekit_yaml writes for a clamp=False bfloat16 merge (dtype: float32)
         "bf16-f32": yaml.safe_load(to_mergekit_yaml(
-            bf16[0], bf16[1:3], MergeOptions(clamp=False, dtype=torch.bfloat16,
-                                                tokenizer_source="base"))),
+            bf16[0], bf16[1:3], MergeOptions(clamp=False, dtype=torch.bfloat16))),
     }
     argv = []
     for name, doc in docs.items():

@@ -5,8 +5,8 @@ Supported (with mergekit's meaning, see README): ``merge_method`` ``model_stock`
 ``average`` (our name for a plain mean of the ``models``); ``base_model``; ``models`` (each
 ``model: PATH`` and optional ``parameters``); ``dtype``; ``out_dtype``; ``tokenizer_source``
 (``union``, ``base`` or a model) or a ``tokenizer:`` section (``source``,
-``pad_to_multiple_of``); ``chat_template``. Without either, the output takes the base model's
-vocabulary, as mergekit's does (its rows aligned by token here). A model is a local path
+``pad_to_multiple_of``); ``chat_template``. Without either the vocabulary is the union (mergekit
+takes the base's, and stops on embeddings of different sizes). A model is a local path
 (relative to the working directory, as in mergekit) or a
 Hugging Face Hub id, ``org/name`` or ``org/name@revision`` (mergekit's spelling; also its
 mapping ``{model: {path: org/name, revision: REV}}``), fetched when the merge opens it
@@ -183,10 +183,11 @@ def _ignored_warning(method: str, where: str, ignored: dict[str, list[str]]) -> 
             f"too){hint}")
 
 
-def _vocabulary(data: Mapping, base: str | None, first: str, source: str) -> dict:
+def _vocabulary(data: Mapping, base: str | None, source: str) -> dict:
     """``tokenizer_source``, the ``tokenizer`` section and ``chat_template`` as options.
-    Without either key, mergekit's output takes the tokenizer of the base model (else of the
-    ``first`` model)."""
+    Without either key the vocabulary is the union (mergekit takes the base's tokenizer then,
+    and refuses embeddings of different sizes: the two agree wherever mergekit runs, unless
+    ids were reassigned at equal sizes)."""
     section = data.get("tokenizer")
     if section is not None and "tokenizer_source" in data:
         raise _fail(source, "give tokenizer_source or a tokenizer section, not both")
@@ -203,7 +204,7 @@ def _vocabulary(data: Mapping, base: str | None, first: str, source: str) -> dic
                                 f"{', '.join(TOKENIZER_KEYS)})")
         value, key = section.get("source", "union"), "tokenizer.source"
     else:
-        value, key = data.get("tokenizer_source", base or first), "tokenizer_source"
+        value, key = data.get("tokenizer_source", "union"), "tokenizer_source"
     if isinstance(value, Mapping):
         value = _reference(value, key, source)
     if not isinstance(value, str) or not value.strip():
@@ -269,7 +270,7 @@ def parse_config(data: object, source: str = "<config>") -> MergeConfig:
     dtype = _dtype(data.get("dtype"), "dtype", source)
     out_dtype = _dtype(data.get("out_dtype"), "out_dtype", source)
     common = {
-        **_vocabulary(data, base, models[0] if models else base, source),
+        **_vocabulary(data, base, source),
         # mergekit writes its compute dtype when out_dtype is absent; we compute in float32
         # (float64 if asked or if an input is float64), never lower.
         "dtype": out_dtype or dtype,
@@ -339,8 +340,8 @@ def to_mergekit_yaml(anchor: str, models: Sequence[str], options: MergeOptions) 
     Without an output dtype (``options.dtype``) mergekit computes in the inputs' dtype (we in
     float32); with one, ``dtype: float32`` is written so that it computes as we do.
     ``load_config`` reads the YAML back with our default ``clamp=True``. Our default tokenizer
-    source, ``union``, is written out (mergekit's default is the base's tokenizer; mergekit's
-    union needs tokenizer files in every model, even when the vocabularies agree)."""
+    source, ``union``, is written as no key (see `parse_config`: mergekit then takes the base's
+    tokenizer, the same vocabulary wherever it runs)."""
     import yaml
 
     if options.method not in ("model-stock", "linear"):
@@ -386,9 +387,8 @@ def to_mergekit_yaml(anchor: str, models: Sequence[str], options: MergeOptions) 
     vocab = options.tokenizer_source
     if vocab in ("base", anchor):
         vocab = "base" if doc.get("base_model") == anchor else anchor
-    mergekit_default = "base" if "base_model" in doc else doc["models"][0]["model"]
     if options.pad_to_multiple_of is None:
-        if vocab != mergekit_default:  # without the key, mergekit takes the base's tokenizer
+        if vocab != "union":  # without the key, as read back by `parse_config`
             doc["tokenizer_source"] = vocab
     else:
         doc["tokenizer"] = {"source": vocab, "pad_to_multiple_of": options.pad_to_multiple_of}

@@ -450,13 +450,14 @@ def align_vocab(anchor: Reader, models: Sequence[Reader], sources: Sequence[obje
 
 
 def choose_chat_template(value: str | None, templates: Sequence[str | None],
-                         donor: str | None) -> str | None:
-    """The output's chat template: ``None`` keeps the donor tokenizer's (or, if it has none,
-    the one template the other inputs agree on); ``auto`` the most common among the inputs;
-    a built-in name (``chatml``); or a Jinja template given as text."""
+                         donor: str | None, union: bool = False) -> str | None:
+    """The output's chat template: ``None`` keeps the donor tokenizer's (or, for a ``union``
+    vocabulary, which holds the fine-tunes' added tokens, and a donor without one: the one
+    template the inputs agree on); ``auto`` the most common among the inputs; a built-in name
+    (``chatml``); or a Jinja template given as text."""
     present = [t for t in templates if t]
     if value is None:
-        return donor if donor or len(set(present)) != 1 else present[0]
+        return donor if donor or not union or len(set(present)) != 1 else present[0]
     if value == "auto":
         return Counter(present).most_common(1)[0][0] if present else donor
     if value in CHAT_TEMPLATES:
@@ -558,7 +559,7 @@ def write_tokenizer_files(out_dir: Path, sources: Sequence[object], written: Seq
             _write_json(config, data)
     templates = [read_chat_template(d) if d is not None else None for d in dirs]
     own = read_chat_template(out_dir)
-    chosen = choose_chat_template(chat_template, templates, own)
+    chosen = choose_chat_template(chat_template, templates, own, source == "union")
     if chosen != own and chosen is not None:
         if (out_dir / "chat_template.jinja").is_file():
             (out_dir / "chat_template.jinja").write_text(chosen, encoding="utf-8")
