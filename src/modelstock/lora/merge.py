@@ -241,23 +241,47 @@ def _modules(ads: Sequence[LoraAdapter], base: Reader | None, warnings: list[str
     return layers
 
 
+def _dense_groups(ads: Sequence[LoraAdapter], module_names: set[str]
+                  ) -> list[tuple[str, list[str | None]]]:
+    """The adapters' dense tensors as the merged adapter keys them: ``(key, each adapter's key
+    or None)``. With ``bias="all"`` PEFT saves the bias of a module it adapts as
+    ``X.base_layer.bias`` and of one it does not as ``X.bias``: adapters with different
+    targets save one tensor of the base under two keys, which is one tensor to merge, under
+    the key PEFT loads into the merged adapter (which adapts ``X``: ``X.bias`` would be an
+    unexpected key there, silently dropped). Other keys stay as saved (``original_module``
+    holds the base's value beside the trained ``modules_to_save`` copy)."""
+    groups: dict[str, list[str | None]] = {}
+    for i, a in enumerate(ads):
+        for key in a.dense:
+            owner, _, leaf = key.removeprefix(PREFIX).rpartition(".")
+            out = f"{PREFIX}{owner}.base_layer.{leaf}" if owner in module_names else key
+            keys = groups.setdefault(out, [None] * len(ads))
+            if keys[i] is not None:
+                raise ModelStockError(f"'{keys[i]}' and '{key}' are the same tensor of the "
+                                      f"base model ('{base_key(key)}')", a.path)
+            keys[i] = key
+    return list(groups.items())
+
+
 def _dense(ads: Sequence[LoraAdapter], base: Reader | None, module_names: set[str],
            warnings: list[str]) -> list[_Layer]:
     """Plan the dense tensors: copy (identical everywhere), Model Stock around the base's
     value, or average (no base value)."""
     layers = []
-    for key in _union([list(a.dense) for a in ads]):
-        vals = [a.dense.get(key) for a in ads]
+    for key, keys in _dense_groups(ads, module_names):
+        vals = [None if k is None else a.dense[k] for a, k in zip(ads, keys, strict=True)]
         present = [i for i, v in enumerate(vals) if v is not None]
         ref = vals[present[0]]
         name = key.removeprefix(PREFIX)
         bkey = base_key(key)
         owner, _, leaf = bkey.rpartition(".")
         mixed = owner in module_names and leaf == "weight"  # e.g. an embedding saved whole
+        # a bias saved by bias="all"/"lora_only" was trained: never a frozen base layer
+        trained = leaf == "bias" and any(ads[i].settings.bias != "none" for i in present)
         for i in present:
             if vals[i].shape != ref.shape:
                 raise ModelStockError(f"is {list(vals[i].shape)} here but {list(ref.shape)} in "
-                                      f"{ads[present[0]].path}", ads[i].path, key)
+                                      f"{ads[present[0]].path}", ads[i].path, keys[i])
         anchor = None
         if base is not None and bkey in base.infos:
             info = base.infos[bkey]
@@ -269,10 +293,11 @@ def _dense(ads: Sequence[LoraAdapter], base: Reader | None, module_names: set[st
         same = all(vals[i].dtype == ref.dtype and torch.equal(vals[i], ref) for i in present)
         everywhere = len(present) == len(ads)
         others = [i for i in range(len(ads)) if i not in present]
+        frozen = not trained and all(".base_layer." in keys[i] for i in present)
         if not ref.dtype.is_floating_point:
             layers.append(_Layer(name, shape, "copy", key=key, values=vals,
                                  note="not floating point: the first adapter's values"))
-        elif same and (everywhere or (anchor is None and ".base_layer." in key)
+        elif same and (everywhere or (anchor is None and frozen)
                        or (anchor is not None and torch.equal(anchor.to(ref.dtype), ref))):
             # a frozen base layer PEFT saved whole (an adapted embedding), or equal values
             note = "identical in every adapter" if everywhere else \
@@ -282,7 +307,7 @@ def _dense(ads: Sequence[LoraAdapter], base: Reader | None, module_names: set[st
             raise ModelStockError(f"'{owner}' is LoRA-adapted and its weight is also saved "
                                   "whole, with values that differ between the adapters: the "
                                   "two parts would get separate ratios; refusing",
-                                  ads[present[-1]].path, key)
+                                  ads[present[-1]].path, keys[present[-1]])
         elif anchor is not None:
             if not anchor.dtype.is_floating_point:
                 raise ModelStockError(f"the base's '{bkey}' is {anchor.dtype}, the adapters' "
@@ -298,7 +323,7 @@ def _dense(ads: Sequence[LoraAdapter], base: Reader | None, module_names: set[st
             missing = [i for i, v in enumerate(vals) if v is None]
             raise ModelStockError(f"saved by some adapters only (not by adapter(s) {missing}), "
                                   "and without a base there is no value for the others: pass "
-                                  "the base model", ads[present[0]].path, key)
+                                  "the base model", ads[present[0]].path, keys[present[0]])
     return layers
 
 
@@ -439,7 +464,10 @@ def merge_lora(adapters: Sequence[AdapterSource], *, base: BaseSource = None,
                 merge=True)
 
 
-def _run(adapters, base, granularity, clamp, rank, dtype, trust_pickle, threads, merge):
+def _run(adapters, base, granularity, clamp, rank, dtype, trust_pickle, threads, merge,
+         observe=None):
+    """The merge (``merge``) or its measurements only; ``observe(layers, base_reader)`` is
+    called with the measured plan while the base is open (`inspection` reads its norms)."""
     _check(granularity, rank)
     with worker_pool(Execution(threads=threads)) as pool:
         ads = _load(adapters, trust_pickle, pool)
@@ -458,6 +486,8 @@ def _run(adapters, base, granularity, clamp, rank, dtype, trust_pickle, threads,
                     vdtype = fdtype if layer.mods is not None else \
                         next(v.dtype for v in layer.values if v is not None)
                     report.layers.append(_describe(layer, vdtype, n, rule, granularity))
+                if observe is not None:
+                    observe(layers, reader)
                 report.seconds = time.perf_counter() - start
                 return report
             merged = _map(pool, lambda x: _merge_module(x, fdtype, rank)
