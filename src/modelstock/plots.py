@@ -86,12 +86,14 @@ def figure(insp: Inspection):
         ys = [g.layer.norms[m] if g.layer.norms[m] > 0 else math.nan for g in rows]
         ax.plot(xs, ys, MODEL_MARKERS[m % len(MODEL_MARKERS)], ms=4, alpha=0.8,
                 label=f"|w{m + 1} - w0|")
-    ax.plot(xs, [g.anchor_norm if g.anchor_norm else math.nan for g in rows], "-", color="grey",
-            lw=0.8, label="|w0|")
+    anchor = any(g.anchor_norm for g in rows)  # none for LoRA adapters inspected without a base
+    if anchor:
+        ax.plot(xs, [g.anchor_norm if g.anchor_norm else math.nan for g in rows], "-",
+                color="grey", lw=0.8, label="|w0|")
     ax.set_yscale("log")
     ax.set_ylabel("norm")
-    ax.set_title("task-vector norms per fine-tune, and the anchor's norm", loc="left",
-                 fontsize=10)
+    ax.set_title("task-vector norms per fine-tune" + (", and the anchor's norm" if anchor else ""),
+                 loc="left", fontsize=10)
     ax.legend(fontsize=8, ncols=min(insp.n_models + 1, 6), loc="best")
     for a in axes:
         a.grid(alpha=0.3)

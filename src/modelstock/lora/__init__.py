@@ -6,6 +6,8 @@
 Each adapted module's Gram matrix, and so its Model Stock ratio ``t``, is computed from the
 factors (never an ``out x in`` matrix); the merged adapter is exact (rank ``sum_i r_i`` per
 module) or, with ``rank=R``, the best rank-R approximation of the exact merge.
+`inspect_lora_adapters` measures without merging, as `modelstock.geometry.inspect_checkpoints`
+does for dense fine-tunes (``modelstock inspect`` draws both with the same tables and plots).
 """
 
 from .adapter import (
@@ -17,6 +19,7 @@ from .adapter import (
     read_lora_adapter,
 )
 from .factors import Compressed, compress, factor_gram, merged_factors
+from .inspection import inspect_lora_adapters
 from .merge import (
     LoraMerge,
     MergedModule,
@@ -37,6 +40,7 @@ __all__ = [
     "compress",
     "factor_gram",
     "inspect_lora",
+    "inspect_lora_adapters",
     "lora_adapter_from_state_dict",
     "merge_lora",
     "merge_lora_adapters",
