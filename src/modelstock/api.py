@@ -26,7 +26,7 @@ from .output import (
 from .recipe import Execution, MergeOptions, Recipe
 from .report import MergeReport
 from .ties import align_ties
-from .vocab import align_vocab, write_tokenizer_files
+from .vocab import TOKENIZER_FILES, align_vocab, copy_tokenizer_files, write_tokenizer_files
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -58,10 +58,11 @@ class LoraReference:
     adapter: Path
 
     @property
-    def files(self) -> Path:
-        """Where its config and tokenizer are: the adapter's directory if it saved a tokenizer
-        (a fine-tune that added tokens), else the model's."""
-        return self.adapter if (self.adapter / "tokenizer_config.json").is_file() else self.model
+    def tokenizer(self) -> Path:
+        """Where its tokenizer is: the adapter's directory if it saved one (a fine-tune that
+        added tokens), else the model's. Its config is always the model's."""
+        return self.adapter if any((self.adapter / f).is_file() for f in TOKENIZER_FILES[:2]) \
+            else self.model
 
 
 def lora_reference(source: object) -> tuple[str, str] | None:
@@ -95,9 +96,14 @@ def _locate(sources: Sequence[Source], progress: bool = True
     return local, labels
 
 
-def _files_of(src: Source) -> Source:
-    """Where an input's config and tokenizer files are (a `LoraReference`'s, or itself)."""
-    return src.files if isinstance(src, LoraReference) else src
+def _config_of(src: Source) -> Source:
+    """Where an input's config files are (a `LoraReference`'s model, or itself)."""
+    return src.model if isinstance(src, LoraReference) else src
+
+
+def _tokenizer_of(src: Source) -> Source:
+    """Where an input's tokenizer files are (see `LoraReference.tokenizer`)."""
+    return src.tokenizer if isinstance(src, LoraReference) else src
 
 
 def _open(src: Source, trust_pickle: bool, strip_prefix: str | None) -> Reader:
@@ -155,10 +161,10 @@ def _open_all(anchor: Source, models: Sequence[Source], trust_pickle: bool,
             opened.append(_open(src, trust_pickle, strip_prefix))
             if label is not None:
                 opened[-1].path = label
-        sources = [_files_of(s) for s in sources]
-        aligned, notes = align_ties(opened[0], opened[1:], sources)
+        aligned, notes = align_ties(opened[0], opened[1:], [_config_of(s) for s in sources])
         notes = [w for r in opened for w in getattr(r, "warnings", ())] + notes
-        a, aligned, more = align_vocab(opened[0], aligned, sources, written, source,
+        a, aligned, more = align_vocab(opened[0], aligned, [_tokenizer_of(s) for s in sources],
+                                       written, source,
                                        recipe.pad_to_multiple_of, recipe.weights)
         notes += more
     except BaseException:
@@ -251,9 +257,12 @@ def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.Pa
             if annotate is not None:
                 annotate(report)
             if not sink.single_file:
-                files = [_files_of(s) for s in local]
-                if isinstance(files[0], str | os.PathLike) and Path(files[0]).is_dir():
-                    copy_anchor_files(Path(files[0]), tmp, opts.dtype)
+                config = _config_of(local[0])
+                if isinstance(config, str | os.PathLike) and Path(config).is_dir():
+                    copy_anchor_files(Path(config), tmp, opts.dtype)
+                files = [_tokenizer_of(s) for s in local]
+                if files[0] != config:  # an adapter that saved the anchor's tokenizer
+                    copy_tokenizer_files(Path(files[0]), tmp)
                 written = [_written(s, w) for s, w in zip(local, labels, strict=True)]
                 report.warnings += write_tokenizer_files(
                     tmp, files, written, getattr(a, "vocabulary", None),

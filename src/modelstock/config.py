@@ -35,6 +35,7 @@ import torch
 from .engine import MergeOptions
 from .errors import ModelStockError
 from .report import MergeReport
+from .vocab import check_chat_template
 
 CONFIG_METHODS = ("model_stock", "linear", "average")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -221,6 +222,11 @@ def _vocabulary(data: Mapping, base: str | None, source: str) -> dict:
     if template is not None and not isinstance(template, str):
         raise _fail(source, f"chat_template: expected auto, a template name or a Jinja "
                             f"template, got {template!r}")
+    if template is not None:
+        try:
+            check_chat_template(template)
+        except ModelStockError as e:
+            raise _fail(source, f"chat_template: {e}") from None
     return {"tokenizer_source": value, "pad_to_multiple_of": pad, "chat_template": template}
 
 

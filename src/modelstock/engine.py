@@ -145,7 +145,9 @@ class Merger:
     # -- checks ------------------------------------------------------------------------------
     def _nonfinite(self, p: LayerPlan, readers: Sequence[Reader]) -> ModelStockError:
         for r in readers:
-            for s, e in chunk_ranges(p.numel, self.exe.chunk_numel):
+            r = getattr(r, "unaligned", r)  # as stored, not in another vocabulary's rows
+            numel = r.infos[p.name].numel if p.name in r.infos else 0
+            for s, e in chunk_ranges(numel, self.exe.chunk_numel):
                 if not _blocks.all_finite(r.read(p.name, s, e)):
                     return ModelStockError("contains NaN or Inf (pass --allow-nonfinite to "
                                            "merge anyway)", r.path, p.name)

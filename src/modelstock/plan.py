@@ -148,7 +148,9 @@ def plan_merge(anchor: Reader, models: Sequence[Reader], recipe: Recipe,
             plan.layers.append(_plan_layer(name, anchor, models, recipe))
             if name in stat_rows and plan.layers[-1].rule.has_stats:
                 plan.layers[-1].stat_rows = stat_rows[name]
-                plan.layers[-1].note = "rows aligned by token; statistics from the anchor's tokens"
+                by = getattr(getattr(anchor, "vocabulary", None), "by", "token")
+                plan.layers[-1].note = (f"rows aligned by {by}; statistics from the anchor's "
+                                        + ("tokens" if by == "token" else "rows"))
     return plan
 
 

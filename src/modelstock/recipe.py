@@ -101,6 +101,10 @@ class Recipe:
         if not isinstance(self.tokenizer_source, str) or not self.tokenizer_source:
             raise ModelStockError(f"tokenizer source must be 'union', 'base' or a model, got "
                                   f"{self.tokenizer_source!r}")
+        if self.chat_template is not None:
+            from .vocab import check_chat_template
+
+            check_chat_template(self.chat_template)
         if self.pad_to_multiple_of is not None and (
                 isinstance(self.pad_to_multiple_of, bool)
                 or not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1):

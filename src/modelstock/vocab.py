@@ -43,7 +43,7 @@ OUTPUT_SUFFIXES = (OUTPUT_EMBEDDING, "lm_head.bias", "embed_out.weight")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
-MAX_INFERRED_PAD = 256  # padding multiples are read off the inputs' row counts up to this
+MAX_INFERRED_PAD = 64  # padding multiples are read off the inputs' row counts up to this
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
           "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
           "{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -180,12 +180,13 @@ def _pad(n: int, multiple: int | None) -> int:
 
 def _inferred_multiple(rows: Sequence[int], sizes: Sequence[int | None]) -> int | None:
     """The padding multiple the inputs were saved with: the largest power of two up to
-    `MAX_INFERRED_PAD` dividing the row count of every input padded past its vocabulary."""
-    padded = [r for r, n in zip(rows, sizes, strict=True) if n is not None and r > n]
+    `MAX_INFERRED_PAD` that pads the vocabulary of every input padded past it to exactly its
+    row count (252 tokens in 256 rows: 64; Qwen2's 151646 in 151936: none)."""
+    padded = [(r, n) for r, n in zip(rows, sizes, strict=True) if n is not None and r > n]
     if not padded:
         return None
     m = MAX_INFERRED_PAD
-    while m > 1 and any(r % m for r in padded):
+    while m > 1 and any(_pad(n, m) != r for r, n in padded):
         m //= 2
     return m if m > 1 else None
 
@@ -206,8 +207,8 @@ def plan_alignment(rows: Sequence[int], tokenizers: Sequence[Tokenizer | None],
     have = [t is not None for t in tokenizers]
     same_vocab = all(have) and all(t.vocab == tokenizers[0].vocab for t in tokenizers[1:])
     named = None if source in ("union", "base") else labels.index(source)
-    if len(set(rows)) == 1 and (same_vocab or not any(have)) and pad_to_multiple_of is None:
-        return None
+    if len(set(rows)) == 1 and (same_vocab or not all(have)) and pad_to_multiple_of is None:
+        return None  # nothing to align (without every tokenizer, equal rows stay as they are)
     for i, (r, t) in enumerate(zip(rows, tokenizers, strict=True)):
         if t is not None and _vocab_size(t) > r:
             bad = max(t.vocab, key=t.vocab.get)
@@ -317,6 +318,11 @@ class AlignedReader:
             self._inner.release(name, start, stop)
         elif stop is None:
             self._inner.release(name)
+
+    @property
+    def unaligned(self) -> Reader:
+        """The input as stored (what an error about its values should name)."""
+        return self._inner
 
     def close(self) -> None:
         self._inner.close()
@@ -460,12 +466,17 @@ def choose_chat_template(value: str | None, templates: Sequence[str | None],
         return donor if donor or not union or len(set(present)) != 1 else present[0]
     if value == "auto":
         return Counter(present).most_common(1)[0][0] if present else donor
-    if value in CHAT_TEMPLATES:
-        return CHAT_TEMPLATES[value]
-    if "{{" in value or "{%" in value:
-        return value
-    raise ModelStockError(f"unknown chat template {value!r}: give 'auto', one of "
-                          f"{sorted(CHAT_TEMPLATES)} or a Jinja template")
+    check_chat_template(value)
+    return CHAT_TEMPLATES.get(value, value)
+
+
+def check_chat_template(value: str) -> None:
+    """Refuse a chat template that is not ``auto``, a built-in name or Jinja text (before any
+    merging: the template is written last)."""
+    if not isinstance(value, str) or not (value == "auto" or value in CHAT_TEMPLATES
+                                          or "{{" in value or "{%" in value):
+        raise ModelStockError(f"unknown chat template {value!r}: give 'auto', one of "
+                              f"{sorted(CHAT_TEMPLATES)} or a Jinja template (its text)")
 
 
 def _dirs(sources: Sequence[object]) -> list[Path | None]:
@@ -530,6 +541,14 @@ def _specials(d: Path | None) -> set[str]:
     return found
 
 
+def copy_tokenizer_files(src: Path, out_dir: Path) -> None:
+    """Replace the tokenizer files in ``out_dir`` by those of the directory ``src``."""
+    for name in TOKENIZER_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+        if (src / name).is_file():
+            (out_dir / name).write_bytes((src / name).read_bytes())
+
+
 def write_tokenizer_files(out_dir: Path, sources: Sequence[object], written: Sequence[str],
                           alignment: Alignment | None, source: str,
                           chat_template: str | None) -> list[str]:
@@ -541,10 +560,7 @@ def write_tokenizer_files(out_dir: Path, sources: Sequence[object], written: Seq
     donor = written.index(source) if source in written else 0
     notes: list[str] = []
     if donor and dirs[donor] is not None:
-        for name in TOKENIZER_FILES:
-            (out_dir / name).unlink(missing_ok=True)
-            if (dirs[donor] / name).is_file():
-                (out_dir / name).write_bytes((dirs[donor] / name).read_bytes())
+        copy_tokenizer_files(dirs[donor], out_dir)
     if alignment is not None and alignment.by == "token" and alignment.added and not donor:
         tokenizers = [read_tokenizer(d) if d is not None else None for d in dirs]
         specials = set().union(*(_specials(d) for d in dirs[1:]))

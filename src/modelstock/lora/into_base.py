@@ -18,6 +18,7 @@ from ..errors import ModelStockError
 from ..output import check_output_path
 from ..report import MergeReport
 from ..safetensors_io import TensorInfo
+from ..ties import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING
 from .adapter import Factors, read_lora_adapter
 from .merge import LoraMerge, base_key
 
@@ -53,8 +54,10 @@ class MergedIntoBase:
                                       base.path, name)
             self._dense[name] = value
         self.infos = dict(base.infos)
-        for name in [*self._modules, *self._dense]:
+        for name in self._modules:
             self.infos[name] = TensorInfo(base.infos[name].shape, torch.float64)
+        for name, value in self._dense.items():  # a resized embedding keeps its own rows
+            self.infos[name] = TensorInfo(tuple(value.shape), torch.float64)
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         # A dense tensor is the merge's value; for an adapted layer PEFT saves whole (an
@@ -86,7 +89,14 @@ def apply_adapter(base: Reader, adapter: str | os.PathLike,
     ad = read_lora_adapter(adapter, trust_pickle)
     modules = {k: dataclasses.replace(m, B=m.B.double() * m.scaling, A=m.A.double(),
                                       scaling=1.0) for k, m in ad.modules.items()}
-    reader = MergedIntoBase(base, modules=modules, dense=ad.dense)
+    dense = dict(ad.dense)
+    embeds = [v for k, v in dense.items() if base_key(k).endswith(INPUT_EMBEDDING_SUFFIXES)]
+    for key in [k for k in dense if base_key(k) == OUTPUT_EMBEDDING]:
+        # A tied base stores no lm_head; PEFT saves the tied copy of the embedding beside it.
+        if OUTPUT_EMBEDDING not in base.infos and any(
+                e.shape == dense[key].shape and torch.equal(e, dense[key]) for e in embeds):
+            del dense[key]
+    reader = MergedIntoBase(base, modules=modules, dense=dense)
     reader.path = f"{base.path}+{adapter}"
     return reader
 
