@@ -215,3 +215,29 @@ def test_plan_alignment_union_order_and_padding() -> None:
     assert al.rows == 64  # C was padded to 64 rows
     assert al.stat_rows() == ((0, 10),)
     assert al.index[2, 11].item() == 10 and al.index[1, 12].item() == -1
+
+
+def test_row_granularity_reports_the_anchor_rows_angle(family) -> None:
+    (anchor, ft1, ft2), *_ = family
+    cos = {}
+    for g in ("tensor", "row"):
+        _, report = merge_state_dicts(anchor, [ft1, ft2], granularity=g)
+        cos[g] = next(x.cos for x in report.layers if x.name == "lm_head.weight")
+    assert cos["row"] == pytest.approx(cos["tensor"], abs=1e-12)
+
+
+def test_a_greedy_soup_needs_one_vocabulary(family) -> None:
+    from modelstock.soups import greedy_soup
+
+    (anchor, ft1, ft2), *_ = family
+    seen = []
+
+    def score(sd):
+        seen.append(sd["lm_head.weight"].shape[0])
+        return -float(sd["lm_head.weight"].norm())
+
+    with pytest.raises(ModelStockError, match="vocabularies differ.*tokenizer-source base"):
+        greedy_soup(anchor, [ft1, ft2], score)
+    assert seen == []  # refused before any candidate
+    greedy_soup(anchor, [ft1, ft2], score, tokenizer_source="base")
+    assert set(seen) == {10}

@@ -239,7 +239,9 @@ class Merger:
     def describe(self, p: LayerPlan, g: torch.Tensor | None, t: torch.Tensor | None = None,
                  rule: str | None = None, note: str | None = None) -> LayerReport:
         """Report entry with the tensor-level geometry of Gram matrix ``g`` (if measured)."""
-        if g is not None and g.ndim == 3:
+        if g is not None and g.ndim == 3:  # per-row Grams: the tensor's, over the rows that
+            if p.stat_rows is not None:  # give statistics (aligned vocabularies)
+                g = torch.cat([g[a:b] for a, b in p.stat_rows])
             g = g.sum(0)
         kw = {} if g is None else {"norms": torch.sqrt(torch.diagonal(g).clamp_min(0)),
                                    "pair_cos": stock.pair_values(stock.pairwise_cos(g))}

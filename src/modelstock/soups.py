@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .api import DEFAULT_SHARD_BYTES, Source, merge_checkpoints, merge_state_dicts
+from .api import DEFAULT_SHARD_BYTES, Source, _open_all, merge_checkpoints, merge_state_dicts
 from .engine import MergeOptions
 from .errors import ModelStockError
 from .report import MergeReport
@@ -64,12 +64,30 @@ def _evaluate(score: Score, soup: dict[str, torch.Tensor], what: str) -> float:
     return value
 
 
+def _check_one_vocabulary(anchor: Source, models: Sequence[Source], opts: MergeOptions,
+                          open_kw: dict) -> None:
+    """Refuse a selection whose candidates would each have their own vocabulary (a union, or a
+    model some candidates lack): the score function would see other rows and ids each time."""
+    a, ms, _ = _open_all(anchor, models, open_kw["trust_pickle"], open_kw["strip_prefix"],
+                         progress=False, recipe=opts.recipe)
+    try:
+        if getattr(a, "vocabulary", None) is not None:
+            raise ModelStockError("the models' vocabularies differ, so each candidate soup would "
+                                  "have its own; pass tokenizer_source='base' "
+                                  "(--tokenizer-source base) to score them all in the anchor's")
+    finally:
+        for r in [a, *ms]:
+            r.close()
+
+
 def _select(anchor: Source, models: Sequence[Source], score: Score, opts: MergeOptions,
             keep_soup: bool, open_kw: dict) -> _Selection:
     """Run the greedy selection; every candidate soup is built by the engine."""
     if not models:
         raise ModelStockError("greedy soup needs at least one fine-tuned model")
     names = [_name(m, i) for i, m in enumerate(models)]
+    if opts.tokenizer_source != "base":
+        _check_one_vocabulary(anchor, models, opts, open_kw)
 
     def soup_of(idx: list[int]) -> tuple[dict[str, torch.Tensor], MergeReport]:
         return merge_state_dicts(anchor, [models[i] for i in idx], _mean_of(opts, len(idx)),
