@@ -161,6 +161,13 @@ def test_cli_vocabulary_of_one_model_by_its_id(zoo, tmp_path) -> None:
         torch.testing.assert_close(w[tok.convert_tokens_to_ids(token)], mean_of_holders(
             zoo, names, token, "model.embed_tokens.weight"), rtol=1e-6, atol=1e-7)
     generates(model, tok)
+    # the same model spelled with its revision names the same vocabulary
+    again = tmp_path / "from-ft2-main"
+    cli_merge(f"{ORG}/llama-base", *(f"{ORG}/{n}" for n in names), "-o", str(again),
+              "--tokenizer-source", f"{ORG}/llama-ft-2@main")
+    assert read_weights(again).keys() == read_weights(out).keys()
+    for k, v in read_weights(out).items():
+        assert torch.equal(read_weights(again)[k], v), k
 
 
 def test_a_yaml_with_a_lora_reference_loads_and_generates(zoo, tmp_path) -> None:

@@ -126,12 +126,19 @@ def _written(src: Source, label: str | None) -> str:
     return os.fspath(src) if isinstance(src, str | os.PathLike) else "<state dict>"
 
 
-def _tokenizer_source(value: str, written: Sequence[str]) -> str:
-    """``union``, ``base``, or the input ``value`` names (as written, or the same path)."""
+def _tokenizer_source(value: str, written: Sequence[str], local: Sequence[Source]) -> str:
+    """``union``, ``base``, or the input ``value`` names: as written, or the same directory
+    (another spelling of a path, or of a Hub id: ``org/a@main`` for ``org/a``)."""
     if value in ("union", "base") or value in written:
         return value
-    for w in written:
-        if os.path.exists(w) and os.path.exists(value) and os.path.samefile(w, value):
+    where = value
+    if hub.is_hub_id(value):  # the inputs are fetched already: the cache is enough
+        snapshot = hub.cached_snapshot(*hub.parse_id(value))
+        where = value if snapshot is None else os.fspath(snapshot)
+    for w, src in zip(written, local, strict=True):
+        src = _config_of(src)
+        if isinstance(src, str | os.PathLike) and os.path.exists(src) \
+                and os.path.exists(where) and os.path.samefile(src, where):
             return w
     raise ModelStockError(f"tokenizer source {value!r} is not one of the models; give 'union', "
                           f"'base' or a model as written: {', '.join(written)}")
@@ -154,7 +161,7 @@ def _open_all(anchor: Source, models: Sequence[Source], trust_pickle: bool,
     if labels is None:
         sources, labels = _locate(sources, progress)
     written = [_written(s, w) for s, w in zip(sources, labels, strict=True)]
-    source = _tokenizer_source(recipe.tokenizer_source, written)
+    source = _tokenizer_source(recipe.tokenizer_source, written, sources)
     opened: list[Reader] = []
     try:
         for src, label in zip(sources, labels, strict=True):
@@ -266,7 +273,7 @@ def merge_checkpoints(anchor: Source, models: Sequence[Source], out: str | os.Pa
                 written = [_written(s, w) for s, w in zip(local, labels, strict=True)]
                 report.warnings += write_tokenizer_files(
                     tmp, files, written, getattr(a, "vocabulary", None),
-                    _tokenizer_source(opts.tokenizer_source, written), opts.chat_template)
+                    _tokenizer_source(opts.tokenizer_source, written, local), opts.chat_template)
                 (tmp / REPORT_NAME).write_text(report.to_json() + "\n")
                 (tmp / "README.md").write_text(model_card(names[0], names[1:], recipe,
                                                           report.summary()))
