@@ -446,10 +446,15 @@ def test_mismatched_adapters_and_base_are_refused(tmp_path):
     one_line(e, str(paths[1]), "'m.q'", str(paths[0]))
     # a base whose weight has another shape
     paths = two_adapters(tmp_path / "again")
-    base = {"m.q.weight": torch.zeros(6, 6)}
+    base = {"m.q.weight": torch.zeros(6, 6), "m.emb.weight": torch.zeros(7, 4)}
     with pytest.raises(ModelStockError) as e:
         merge_lora(paths, base=base)
     one_line(e, "'m.q'", "base")
+    del base["m.emb.weight"]  # a base without an adapted module: not their base
+    base["m.q.weight"] = torch.zeros(6, 5)
+    with pytest.raises(ModelStockError) as e:
+        merge_lora(paths, base=base)
+    one_line(e, "'m.emb'", "base")
     with pytest.raises(ModelStockError, match="granularity"):
         merge_lora(paths, granularity="layer")
     with pytest.raises(ModelStockError, match="rank"):
@@ -467,7 +472,8 @@ def test_dense_tensors_copy_anchor_average_or_refuse(tmp_path):
     assert torch.equal(merged.dense[f"{P}emb.base_layer.weight"], torch.ones(4, 2))
     assert torch.equal(merged.dense[f"{P}head.modules_to_save.weight"], torch.full((2, 3), 1.5))
     assert any("averaged" in w for w in merged.report.warnings)
-    base = {"head.weight": torch.zeros(2, 3)}  # deltas 1 and 2: parallel, t = 1
+    base = {"head.weight": torch.zeros(2, 3),  # deltas 1 and 2: parallel, t = 1
+            "m.q.weight": torch.zeros(6, 5), "m.emb.weight": torch.zeros(7, 4)}
     merged = merge_lora(paths, base=base)
     torch.testing.assert_close(merged.dense[f"{P}head.modules_to_save.weight"],
                                torch.full((2, 3), 1.5))
@@ -494,9 +500,10 @@ def test_row_granularity_of_fan_in_fan_out_needs_base(tmp_path):
         merge_lora(paths, granularity="row")
     one_line(e, "base", "'m.q'")
     # the base tells a Conv1D ([in, out]) from an nn.Linear ([out, in]), as PEFT does
-    merged = merge_lora(paths, granularity="row", base={"m.q.weight": torch.zeros(6, 5)})
+    emb = {"m.emb.weight": torch.zeros(7, 4)}
+    merged = merge_lora(paths, granularity="row", base={"m.q.weight": torch.zeros(6, 5), **emb})
     assert merged.modules["m.q"].fan_in_fan_out is False
-    merged = merge_lora(paths, granularity="row", base={"m.q.weight": torch.zeros(5, 6)})
+    merged = merge_lora(paths, granularity="row", base={"m.q.weight": torch.zeros(5, 6), **emb})
     assert merged.modules["m.q"].fan_in_fan_out is True
 
 

@@ -317,7 +317,11 @@ def find_weights(directory: Path) -> Path:
         if len(found) > 1:
             raise ModelStockError("several weight files and no index; name the file to use",
                                   directory)
-    raise ModelStockError("no weights found (no *.safetensors, *.bin, *.pt or index)", directory)
+    adapters = sorted(p.name for p in Path(directory).iterdir()
+                      if (p / "adapter_config.json").is_file()) if Path(directory).is_dir() else []
+    hint = f"; {adapters[0]}/ inside is a LoRA adapter: pass that folder" if adapters else ""
+    raise ModelStockError(f"no weights found (no *.safetensors, *.bin, *.pt or index){hint}",
+                          directory)
 
 
 def open_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module,

@@ -212,7 +212,8 @@ RECIPE_FLAGS = ("method", "alpha", "weights", "granularity", "dtype", "score",
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="tensor",
               show_default=True,
               help="One ratio per tensor (the paper), per output row (like mergekit's "
-                   "filter_wise), or one for the whole model (an ablation).")
+                   "filter_wise), or one for the whole model (an ablation). For LoRA adapters "
+                   "a row is a row of the stored base weight (for an embedding: a token).")
 @click.option("--no-clamp", is_flag=True,
               help="Keep the raw t = N cos/(1+(N-1)cos) when cos <= 0 instead of clamping t to "
                    "[0, 1] (parity with other implementations; the pole still gives t = 0).")
@@ -225,7 +226,8 @@ RECIPE_FLAGS = ("method", "alpha", "weights", "granularity", "dtype", "score",
               help="BatchNorm running statistics: follow the ratio of their own layer (its t, "
                    "or --alpha), keep the anchor's, or average the fine-tunes'.")
 @click.option("--dtype", callback=_dtype, default=None,
-              help="Output dtype for floating tensors (default: the anchor's), e.g. bfloat16.")
+              help="Output dtype for floating tensors (default: the anchor's; a merged LoRA "
+                   "adapter's factors: float32), e.g. bfloat16.")
 @click.option("--tokenizer-source", default="union", show_default=True,
               metavar="union|base|MODEL",
               help="Output vocabulary when fine-tunes added tokens: the union of all (rows of "
@@ -393,9 +395,8 @@ def _lora_inputs(ctx, anchor, models, method, into_base):
 
 
 def _merge_lora(lora, out, granularity, clamp, rank, dtype, into_base, io_kw, engine):
-    from .checkpoint import open_checkpoint
     from .lora import merge_lora
-    from .lora.into_base import MergedIntoBase, merge_into_base
+    from .lora.into_base import merge_into_base
     from .output import check_output_path
 
     base, adapters = lora
@@ -408,8 +409,6 @@ def _merge_lora(lora, out, granularity, clamp, rank, dtype, into_base, io_kw, en
                                chunk_numel=engine["chunk_numel"], device=engine["device"],
                                threads=engine["threads"],
                                **{k: v for k, v in io_kw.items() if k != "strip_prefix"})
-    if base is not None:  # the base must hold every adapted module, shaped as the delta
-        MergedIntoBase(open_checkpoint(base, io_kw["trust_pickle"]), merged).close()
     merged.save(out, io_kw["force"])
     return merged.report
 
@@ -437,7 +436,9 @@ def inspect_cmd(anchor, models, json_path, csv_path, plot_path, html_path, full,
     """Show how fine-tuned MODELs sit around their ANCHOR, layer by layer: task-vector norms,
     pairwise angles and the ratio t a merge would use, by layer kind, with warnings for what
     looks wrong. Reads like `merge` (its Gram pass) and writes only the reports asked for.
-    ANCHOR and MODELs are paths or Hub ids (org/name[@revision]), as for `merge`.
+    ANCHOR and MODELs are paths or Hub ids (org/name[@revision]), as for `merge`. LoRA
+    adapter directories are measured from their factors, per adapted module (ANCHOR, the base
+    model, is optional then: `modelstock inspect ./lora-seed0 ./lora-seed1`).
     """
     from .geometry import inspect_checkpoints
     from .render import text, write_outputs

@@ -29,6 +29,7 @@ class LayerReport:
     pair_cos: list[float] | None = None
     t_min: float | None = None
     t_max: float | None = None
+    rel_error: float | None = None  # a LoRA module compressed to rank R: |merge - kept| / |merge|
     note: str | None = None
 
     @property

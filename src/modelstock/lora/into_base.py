@@ -20,7 +20,7 @@ from ..report import MergeReport
 from ..safetensors_io import TensorInfo
 from ..ties import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING
 from .adapter import Factors, read_lora_adapter
-from .merge import LoraMerge, base_key
+from .merge import LoraMerge, base_key, oriented, tied_output
 
 
 class MergedIntoBase:
@@ -40,7 +40,10 @@ class MergedIntoBase:
         for m in (modules or {}).values():
             name = f"{m.name}.weight"
             if name not in base.infos:
-                raise ModelStockError("the base has no weight for this adapted module",
+                why = ("; it is tied to the input embedding there, and adding the delta "
+                       "would change the embedding too: write the merged adapter instead"
+                       if tied_output(base, m.name) is not None else "")
+                raise ModelStockError(f"the base has no weight for this adapted module{why}",
                                       base.path, name)
             if tuple(base.infos[name].shape) != tuple(m.shape):
                 raise ModelStockError(f"the adapter's delta is {list(m.shape)}, the base's "
@@ -48,6 +51,8 @@ class MergedIntoBase:
             self._modules[name] = m
         self._dense = {}
         for key, value in (dense or {}).items():
+            if ".original_module." in key:  # PEFT's copy of the base's own value
+                continue
             name = base_key(key)
             if name not in base.infos:
                 raise ModelStockError("the adapters save this tensor but the base lacks it",
@@ -88,7 +93,8 @@ def apply_adapter(base: Reader, adapter: str | os.PathLike,
     adapter's saved tensors (``modules_to_save``) in place of the base's."""
     ad = read_lora_adapter(adapter, trust_pickle)
     modules = {k: dataclasses.replace(m, B=m.B.double() * m.scaling, A=m.A.double(),
-                                      scaling=1.0) for k, m in ad.modules.items()}
+                                      scaling=1.0)
+               for k, m in oriented(ad.modules, base, ad.path).items()}
     dense = dict(ad.dense)
     embeds = [v for k, v in dense.items() if base_key(k).endswith(INPUT_EMBEDDING_SUFFIXES)]
     for key in [k for k in dense if base_key(k) == OUTPUT_EMBEDDING]:

@@ -35,7 +35,8 @@ from ..output import REPORT_NAME, atomic_output, check_output_path
 from ..recipe import Execution
 from ..report import LayerReport, MergeReport, layer_report
 from ..rules import ModelStock
-from ..safetensors_io import SafetensorsWriter
+from ..safetensors_io import SafetensorsWriter, TensorInfo
+from ..ties import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING
 from .adapter import (
     CONFIG_NAME,
     FACTOR_SUFFIXES,
@@ -194,27 +195,80 @@ class _Layer:
     note: str | None = None
 
 
+def _natural(m: LoraModule) -> tuple[int, int]:
+    return (m.B.shape[0], m.A.shape[1])
+
+
+def oriented(modules: dict[str, LoraModule], base: Reader, path: str) -> dict[str, LoraModule]:
+    """Each linear module with ``fan_in_fan_out`` as its base layer is, not as the config says.
+
+    PEFT decides it by the layer's type whatever the config says: a Conv1D weight is
+    ``[in, out]``, an ``nn.Linear``'s ``[out, in]`` (peft/tuners/lora/layer.py,
+    dispatch_default), and a config written for a model mixing the two (GPT-2's Conv1D
+    blocks and a Linear head) is right for one kind only. The base's shape tells which a module
+    is, unless it is square: then a non-square module of the same name (``mlp.c_proj`` for
+    ``attn.c_proj``) tells, and where the config was contradicted and nothing tells, refuse."""
+    out = dict(modules)
+    evidence: dict[str, bool] = {}  # leaf name -> fan_in_fan_out, from non-square modules
+    contradicted = False
+    for name, m in modules.items():
+        key = f"{name}.weight"
+        if m.kind != "linear" or key not in base.infos:
+            continue
+        natural, bshape = _natural(m), tuple(base.infos[key].shape)
+        if natural != natural[::-1] and bshape in (natural, natural[::-1]):
+            fifo = bshape != natural
+            evidence.setdefault(name.rpartition(".")[2], fifo)
+            contradicted |= fifo != m.fan_in_fan_out
+            out[name] = dataclasses.replace(m, fan_in_fan_out=fifo)
+    for name, m in modules.items():
+        if m.kind != "linear" or f"{name}.weight" not in base.infos:
+            continue
+        natural = _natural(m)
+        if natural == natural[::-1] and contradicted:
+            leaf = name.rpartition(".")[2]
+            if leaf not in evidence:
+                raise ModelStockError(
+                    f"module '{name}' is square, and fan_in_fan_out in adapter_config.json is "
+                    "contradicted by the base's shapes of other modules, so neither tells "
+                    "whether this one is a Conv1D or a Linear layer; set fan_in_fan_out to what "
+                    "it is", path)
+            out[name] = dataclasses.replace(m, fan_in_fan_out=evidence[leaf])
+    return out
+
+
+def _same_module_twice(names: Sequence[str], ads: Sequence[LoraAdapter]) -> None:
+    """Refuse one module spelled two ways (adapters trained on different wrappers of one
+    model: ``model.layers.0.q_proj`` and ``layers.0.q_proj``), which would merge as two modules,
+    each a zero delta for the other adapters. Without a base only the names tell: two names,
+    one ending the other, that no adapter holds together. (A base's weight names settle it.)"""
+    by_suffix = set(names)
+    for name in names:
+        parts = name.split(".")
+        for k in range(1, len(parts)):
+            short = ".".join(parts[k:])
+            if short in by_suffix and not any(short in a.modules and name in a.modules
+                                              for a in ads):
+                holder = next(a for a in ads if short in a.modules)
+                other = next(a for a in ads if name in a.modules)
+                raise ModelStockError(f"module '{short}' here is '{name}' in {other.path}: the "
+                                      "same module named from different model classes; save "
+                                      "the adapters from the same class", holder.path)
+
+
 def _modules(ads: Sequence[LoraAdapter], base: Reader | None, warnings: list[str]
              ) -> list[_Layer]:
     """Check that the adapters' modules fit together (and the base, if given)."""
-    layers, found = [], 0
-    for name in _union([list(a.modules) for a in ads]):
+    layers = []
+    if base is not None:
+        ads = [dataclasses.replace(a, modules=oriented(a.modules, base, a.path)) for a in ads]
+    names = _union([list(a.modules) for a in ads])
+    if base is None:
+        _same_module_twice(names, ads)
+    for name in names:
         mods = [a.modules.get(name) for a in ads]
         first = next(i for i, m in enumerate(mods) if m is not None)
         ref = mods[first]
-        if base is not None and ref.kind == "linear" and f"{name}.weight" in base.infos:
-            # PEFT decides fan_in_fan_out by the layer's type, whatever the config says: a
-            # Conv1D weight is [in, out], an nn.Linear's [out, in] (peft/tuners/lora/layer.py,
-            # dispatch_default). The base's shape tells which this module is (unless square).
-            bshape = tuple(base.infos[f"{name}.weight"].shape)
-            natural = (ref.B.shape[0], ref.A.shape[1])
-            fifo = ref.fan_in_fan_out
-            if natural != natural[::-1] and bshape in (natural, natural[::-1]):
-                fifo = bshape != natural
-            if fifo != ref.fan_in_fan_out:
-                mods = [None if m is None else dataclasses.replace(m, fan_in_fan_out=fifo)
-                        for m in mods]
-                ref = mods[first]
         for i, m in enumerate(mods):
             if m is None:
                 continue
@@ -224,21 +278,28 @@ def _modules(ads: Sequence[LoraAdapter], base: Reader | None, warnings: list[str
                     f"{ref.kind} delta of shape {list(ref.shape)} in {ads[first].path}",
                     ads[i].path)
         if base is not None:
-            info = base.infos.get(f"{name}.weight")
-            if info is not None:
-                found += 1
-                if tuple(info.shape) != tuple(ref.shape):
-                    raise ModelStockError(
-                        f"module '{name}': the base weight is {list(info.shape)} but the "
-                        f"adapter's delta is {list(ref.shape)}: not this adapter's base",
-                        base.path)
+            info = base.infos.get(f"{name}.weight") or tied_output(base, name)
+            if info is None:
+                raise ModelStockError(f"the base has no weight for the adapted module '{name}': "
+                                      "not these adapters' base model", base.path,
+                                      f"{name}.weight")
+            if tuple(info.shape) != tuple(ref.shape):
+                raise ModelStockError(
+                    f"module '{name}': the base weight is {list(info.shape)} but the "
+                    f"adapter's delta is {list(ref.shape)}: not this adapter's base",
+                    base.path)
         ranks = "+".join(str(m.rank) if m is not None else "0" for m in mods)
         layers.append(_Layer(name, ref.shape, "model_stock", mods=mods,
                              note=f"LoRA rank {ranks}"))
-    if base is not None and layers and not found:
-        warnings.append(f"the base ({base.path}) has none of the adapted modules' weights "
-                        f"(e.g. {layers[0].name}.weight): is it the adapters' base model?")
     return layers
+
+
+def tied_output(base: Reader, name: str) -> TensorInfo | None:
+    """For ``lm_head`` of a base that stores it tied (not in the file): its input embedding."""
+    if f"{name}.weight" != OUTPUT_EMBEDDING:
+        return None
+    embeds = [v for k, v in base.infos.items() if k.endswith(INPUT_EMBEDDING_SUFFIXES)]
+    return embeds[0] if len(embeds) == 1 else None
 
 
 def _dense_groups(ads: Sequence[LoraAdapter], module_names: set[str]
@@ -315,8 +376,13 @@ def _dense(ads: Sequence[LoraAdapter], base: Reader | None, module_names: set[st
             layers.append(_Layer(name, shape, "model_stock", key=key, values=vals,
                                  anchor=anchor, out_dtype=anchor.dtype,
                                  note=f"dense, anchored at the base's '{bkey}'"))
+        elif base is not None:
+            raise ModelStockError("the adapters save this tensor whole but the base lacks it "
+                                  f"('{bkey}'): not these adapters' base model", base.path, key)
         elif len(present) == len(ads):
-            warnings.append(f"{name}: no base value to anchor it (pass a base): averaged")
+            # As for a dense tensor the anchor lacks: no value to move from, so the mean.
+            warnings.append(f"{name}: saved whole by the adapters and no base given to anchor "
+                            "it: averaged (pass the base model for Model Stock)")
             layers.append(_Layer(name, shape, "average", key=key, values=vals,
                                  note="no base value: averaged"))
         else:
@@ -501,6 +567,7 @@ def _run(adapters, base, granularity, clamp, rank, dtype, trust_pickle, threads,
                         f"rank-{rank} approximation: relative Frobenius error " \
                         f"{value.rel_error:.3g}"
                     report.layers.append(_describe(layer, fdtype, n, rule, granularity, extra))
+                    report.layers[-1].rel_error = value.rel_error
                 else:
                     dense[layer.key] = value
                     report.layers.append(_describe(layer, value.dtype, n, rule, granularity))
