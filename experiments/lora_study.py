@@ -246,11 +246,12 @@ def factor_vs_dense(ctx: LoraContext, seeds: Sequence[int], epoch: int) -> dict:
 
 # -- rows --------------------------------------------------------------------------------------
 def lora_rows(ctx: LoraContext, epoch: int, seeds: Sequence[int], full: bool = True,
-              reverse: bool = False, max_pairs: int | None = None) -> list[dict]:
+              reverse: bool = False, max_pairs: int | None = None,
+              greedy: bool = True) -> list[dict]:
     """Every model of the study at one epoch (names as in `experiments.study.epoch_rows`):
     zero-shot, fine-tunes, every pair (Model Stock in factor space, uniform average dense);
     with ``full`` also N = 3 / 4 subsets, the uniform soup, WiSE-FT of the first seed and the
-    greedy soup."""
+    greedy soup (unless not ``greedy``)."""
     e = f"e{epoch:02d}"
     A = ctx.anchor
 
@@ -293,7 +294,7 @@ def lora_rows(ctx: LoraContext, epoch: int, seeds: Sequence[int], full: bool = T
         print(f"  {specs[i][0]}: ID {100 * done[i]['id_acc']:.2f} OOD "
               f"{100 * done[i]['ood_acc']:.2f}", flush=True)
     rows = [done[i] for i in range(len(specs))]
-    if full and len(seeds) > 2:
+    if full and greedy and len(seeds) > 2:
         rows.append(greedy_row(ctx, epoch, seeds, lambda s: ctx.ft(s, epoch)))
     return rows
 
@@ -391,6 +392,11 @@ def full_reference(lora_layers_: Sequence[dict]) -> dict | None:
            "pair_t_median": [min(p["t_median"] for p in pairs),
                              max(p["t_median"] for p in pairs)],
            "prediction_disagreement": full["prediction_disagreement"]}
+    pilot = FULL_RESULTS / "pilot.json"
+    e3 = json.loads(pilot.read_text()).get("noisy/e03") if pilot.exists() else None
+    if e3 is not None:  # the full study's pilot: seeds 0 and 1 of its recipe after 3 epochs
+        out["full_pilot_epoch3"] = {"seeds": [0, 1], "weight": e3["summary"]["weight"],
+                                    "pair": e3["pairs"][0], "disagreement": e3["disagreement"]}
     if len(both) > 2:
         a = np.array([x["angle_mean"] for x, _ in both])
         b = np.array([y["angle_mean"] for _, y in both])
@@ -465,7 +471,8 @@ def cmd_rows(args: argparse.Namespace) -> None:
     epoch = ctx.cfg.epochs
     seeds = finished_seeds(ctx, args.seeds, epoch)
     print(f"rows of epoch {epoch}: seeds {seeds}", flush=True)
-    lora_rows(ctx, epoch, seeds, full=True, reverse=args.reverse, max_pairs=args.max_pairs)
+    lora_rows(ctx, epoch, seeds, full=True, reverse=args.reverse, max_pairs=args.max_pairs,
+              greedy=not args.reverse)  # the greedy soup once, in the forward process
     print(f"{ctx.evaluate.count} evaluations ({ctx.evaluate.seconds:.0f} s)", flush=True)
 
 
@@ -560,7 +567,16 @@ def write_tables(out_dir: Path, result: dict) -> None:
                   f"| median t of a module, N = k | {g['t_median']:.3f} | "
                   f"{s['full_t_median_k']:.3f} |",
                   "", f"Correlation of the per-module mean angle, LoRA vs full: "
-                  f"{s['angle_correlation_lora_vs_full']:.2f} ({s['modules']} modules)."]
+                  f"{s['angle_correlation_lora_vs_full']:.2f} ({s['modules']} modules). "
+                  f"Full fine-tunes: epoch {ref['epochs']}, seeds {ref['seeds']}."]
+        e3 = ref.get("full_pilot_epoch3")
+        if e3 is not None:
+            w = e3["weight"]
+            lines += ["", f"At 3 epochs (the full study's pilot, seeds 0 and 1 only): weight "
+                      f"matrices {w['angle_mean']:.1f} deg on average ({w['angle_range'][0]:.1f}-"
+                      f"{w['angle_range'][1]:.1f}), median t of a weight matrix (N = 2) "
+                      f"{w['t_median']:.3f}, whole-model angle {e3['pair']['model_angle']:.1f} "
+                      f"deg, prediction disagreement {100 * e3['disagreement']:.1f}%."]
     c = result["factor_vs_dense_check"]
     lines += ["", f"Check: Model Stock of {tag(c['seeds'])} in factor space "
               f"(`modelstock.lora.merge_lora`) vs `merge_state_dicts` of the dense weights: "
