@@ -391,7 +391,8 @@ def full_reference(lora_layers_: Sequence[dict]) -> dict | None:
                                 max(p["model_angle"] for p in pairs)],
            "pair_t_median": [min(p["t_median"] for p in pairs),
                              max(p["t_median"] for p in pairs)],
-           "prediction_disagreement": full["prediction_disagreement"]}
+           "prediction_disagreement": full["prediction_disagreement"],
+           "by_epoch": {e: full["by_epoch"][e] for e in ("3", "10") if e in full["by_epoch"]}}
     pilot = FULL_RESULTS / "pilot.json"
     e3 = json.loads(pilot.read_text()).get("noisy/e03") if pilot.exists() else None
     if e3 is not None:  # the full study's pilot: seeds 0 and 1 of its recipe after 3 epochs
