@@ -2,8 +2,11 @@
 
     python -m experiments.lora_study train --recipe lr1e-3 --seeds 0 1     # cached, resumable
     python -m experiments.lora_study pilot --recipes lr1e-3 lr3e-3          # seeds 0 and 1
-    python -m experiments.lora_study rows --recipe lr3e-3 --seeds 0 1 2 3 4 5 [--reverse]
-    python -m experiments.lora_study analyze --recipe lr3e-3 --seeds 0 1 2 3 4 5
+    python -m experiments.lora_study rows --recipe lr1e-3 --seeds 0 1 2 3 4 5 [--reverse]
+    python -m experiments.lora_study analyze --recipe lr1e-3 --seeds 0 1 2 3 4 5
+    # ablation (every seed starts from the same LoRA factors), results in lora/shared-init:
+    python -m experiments.lora_study analyze --recipe lr1e-3-shared-init --seeds 0 1 2 3
+        --pairs-only --out experiments/results/tweets/lora/shared-init
 
 The anchor is the full study's zero-shot model (`experiments.textmodel.zero_shot_model`). PEFT
 puts LoRA factors on every attention (query, key, value, output) and MLP (intermediate, output)
@@ -79,6 +82,7 @@ class LoraSpec:
     dropout: float = 0.1
     targets: tuple[str, ...] = TARGETS
     modules_to_save: tuple[str, ...] = ("head",)
+    init_seed: int | None = None  # the factors' init: the run's seed unless set (ablation)
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,10 @@ class Recipe:
         cfg = self.train if seed is None else self.train.with_seed(seed)
         if seed is None:
             cfg = replace(cfg, seed=-1)
-        return cfg.key("lora", lora=asdict(self.lora))
+        lora = asdict(self.lora)
+        if lora["init_seed"] is None:  # the keys of runs made before the field existed
+            del lora["init_seed"]
+        return cfg.key("lora", lora=lora)
 
     def with_seed(self, seed: int) -> Recipe:
         return replace(self, train=self.train.with_seed(seed))
@@ -103,6 +110,9 @@ _BASE = TrainConfig(token_dropout=0.1, epochs=3, snapshots=(1, 2, 3))
 RECIPES: dict[str, Recipe] = {
     "lr1e-3": Recipe(replace(_BASE, lr=1e-3)),
     "lr3e-3": Recipe(replace(_BASE, lr=3e-3)),
+    # ablation: every seed starts from the same LoRA factors (seed 0's); data order, token
+    # dropout and LoRA dropout still differ by seed
+    "lr1e-3-shared-init": Recipe(replace(_BASE, lr=1e-3), LoraSpec(init_seed=0)),
 }
 
 
@@ -112,10 +122,11 @@ def snapshot_dir(run_dir: Path, epoch: int) -> Path:
 
 # -- training ---------------------------------------------------------------------------------
 def lora_model(anchor: torch.nn.Module, spec: LoraSpec, seed: int) -> torch.nn.Module:
-    """A PEFT LoRA model around a copy of the anchor (the seed sets the factors' init)."""
+    """A PEFT LoRA model around a copy of the anchor (the seed, or ``spec.init_seed``, sets
+    the factors' init)."""
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seed if spec.init_seed is None else spec.init_seed)
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=list(spec.targets),
                         modules_to_save=list(spec.modules_to_save), bias="none")
@@ -472,7 +483,8 @@ def cmd_rows(args: argparse.Namespace) -> None:
     epoch = ctx.cfg.epochs
     seeds = finished_seeds(ctx, args.seeds, epoch)
     print(f"rows of epoch {epoch}: seeds {seeds}", flush=True)
-    lora_rows(ctx, epoch, seeds, full=True, reverse=args.reverse, max_pairs=args.max_pairs,
+    lora_rows(ctx, epoch, seeds, full=not args.pairs_only, reverse=args.reverse,
+              max_pairs=args.max_pairs,
               greedy=not args.reverse)  # the greedy soup once, in the forward process
     print(f"{ctx.evaluate.count} evaluations ({ctx.evaluate.seconds:.0f} s)", flush=True)
 
@@ -498,7 +510,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print(f"analyze {name}: seeds {seeds}, epoch {epoch}", flush=True)
     check = factor_vs_dense(ctx, seeds[:2], epoch)
     print(f"factor-space vs dense Model Stock: {check}", flush=True)
-    rows = lora_rows(ctx, epoch, seeds, full=True, max_pairs=args.max_pairs)
+    rows = lora_rows(ctx, epoch, seeds, full=not args.pairs_only, max_pairs=args.max_pairs)
     table = family_table(rows, ctx.ood)
     geo = lora_geometry([ctx.adapter(s, epoch) for s in seeds], seeds, ctx.anchor)
     fts = [r for r in rows if r.get("kind") == "fine-tune"]
@@ -522,7 +534,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
               "eval_sizes": {k: len(v) for k, v in ctx.suite.labels.items()},
               "train_seconds": train_seconds(ctx, seeds), "rows": rows}
     result["analyze_seconds"] = round(time.perf_counter() - start, 1)
-    out_dir = RESULTS
+    out_dir = Path(args.out) if args.out else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "study.json").write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / "geometry_layers.json").write_text(json.dumps(geo["layers"], indent=1) + "\n")
@@ -608,8 +620,12 @@ def main(argv: list[str] | None = None) -> None:
         a.add_argument("--seeds", type=int, nargs="+", default=list(range(6)))
         a.add_argument("--max-pairs", type=int, default=None,
                        help="evaluate only the first N seed pairs (CPU budget)")
+        a.add_argument("--pairs-only", action="store_true",
+                       help="fine-tunes and pairs only (no soups, N = 3 / 4, WiSE-FT)")
         if cmd == "rows":
             a.add_argument("--reverse", action="store_true", help="evaluate in reverse order")
+        else:
+            a.add_argument("--out", default=None, help=f"output folder (default {RESULTS})")
         a.set_defaults(func=fn)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -48,6 +48,8 @@ def test_keys_cover_settings_and_seed():
             replace(r, lora=replace(r.lora, r=16)).key(0)}
     assert len(keys) == 5
     assert r.with_seed(3).key(3) == r.key(3)
+    shared = lora_study.RECIPES["lr1e-3-shared-init"]
+    assert shared.key(1) != r.key(1) and shared.key(1) != shared.key(2)
 
 
 def test_dense_weights_and_factor_route_equals_dense_route(base):
