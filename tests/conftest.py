@@ -50,3 +50,13 @@ def merged_by_cli(*args: str) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: small models on shared cores run 5-20x slower
+    with two (OpenMP teams spin-wait while the other core is busy)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

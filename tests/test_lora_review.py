@@ -12,17 +12,9 @@ import torch
 from modelstock.checkpoint import open_checkpoint
 from modelstock.errors import ModelStockError
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_torch_thread")]
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def adapter(base, cfg, path, seed, scale=0.05):

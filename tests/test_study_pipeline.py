@@ -28,18 +28,12 @@ TINY = SplitSizes(n_train=16, n_val=12, n_test=16, n_ood=8)
 COLUMNS = ["id_acc", "id_bacc", "ood_acc", "ood_bacc",
            *(f"{t}_{m}" for t in OOD_TOPICS for m in ("acc", "bacc"))]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def topics():
     return load_topics()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def check_row(row):
