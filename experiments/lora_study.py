@@ -57,9 +57,11 @@ from .study import (
     disagreement,
     family_table,
     greedy_row,
+    pair_cells,
     pair_comparison,
     stats,
     tag,
+    write_pilot,
 )
 from .textmodel import load_tokenizer, zero_shot_model
 from .tweets import load_topics
@@ -452,15 +454,9 @@ def cmd_pilot(args: argparse.Namespace) -> None:
             ood = [f"{100 * r['ood_acc']:.1f}" for r in fts]
             lines.append(
                 f"| {name} | {ctx.cfg.lr:g} | {epoch} | {', '.join(pct)} | {', '.join(ood)} | "
-                f"{100 * by['uniform-2']['id_acc']:.1f} / {100 * by['uniform-2']['ood_acc']:.1f}"
-                f" | {100 * by['model-stock']['id_acc']:.1f} / "
-                f"{100 * by['model-stock']['ood_acc']:.1f} | {100 * dis:.1f}% | "
-                f"{p['model_angle']:.1f} | {p['lora_angle_mean']:.1f} | {p['t_median']:.3f} | "
-                f"{', '.join(f'{t:.3f}' for t in p['t_head'])} |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pilot.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / "pilot.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                f"{pair_cells(by, dis)} | {p['model_angle']:.1f} | {p['lora_angle_mean']:.1f} | "
+                f"{p['t_median']:.3f} | {', '.join(f'{t:.3f}' for t in p['t_head'])} |")
+    write_pilot(RESULTS, out, lines)
 
 
 def train_seconds(ctx: LoraContext, seeds: Sequence[int]) -> dict:

@@ -389,13 +389,22 @@ def cmd_pilot(args: argparse.Namespace) -> None:
             lines.append(
                 f"| {name} | {epoch} | {100 * fts[0]['id_acc']:.1f}, {100 * fts[1]['id_acc']:.1f}"
                 f" | {100 * fts[0]['ood_acc']:.1f}, {100 * fts[1]['ood_acc']:.1f} | "
-                f"{100 * by['uniform-2']['id_acc']:.1f} / {100 * by['uniform-2']['ood_acc']:.1f}"
-                f" | {100 * by['model-stock']['id_acc']:.1f} / "
-                f"{100 * by['model-stock']['ood_acc']:.1f} | {100 * dis:.1f}% | "
-                f"{p['model_angle']:.1f} | {p['t_median']:.3f} |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pilot.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / "pilot.md").write_text("\n".join(lines) + "\n")
+                f"{pair_cells(by, dis)} | {p['model_angle']:.1f} | {p['t_median']:.3f} |")
+    write_pilot(RESULTS, out, lines)
+
+
+def pair_cells(by: dict, dis: float) -> str:
+    """A pilot table's merge columns: uniform-2 and Model Stock ID / OOD, and disagreement."""
+    return (f"{100 * by['uniform-2']['id_acc']:.1f} / {100 * by['uniform-2']['ood_acc']:.1f}"
+            f" | {100 * by['model-stock']['id_acc']:.1f} / "
+            f"{100 * by['model-stock']['ood_acc']:.1f} | {100 * dis:.1f}%")
+
+
+def write_pilot(results: Path, out: dict, lines: list[str]) -> None:
+    """Write a pilot's JSON and table, and print the table."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "pilot.json").write_text(json.dumps(out, indent=1) + "\n")
+    (results / "pilot.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
