@@ -241,3 +241,15 @@ def test_a_greedy_soup_needs_one_vocabulary(family) -> None:
     assert seen == []  # refused before any candidate
     greedy_soup(anchor, [ft1, ft2], score, tokenizer_source="base")
     assert set(seen) == {10}
+
+
+def test_padding_past_every_input_by_index_holds_the_anchor_mean(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(6)
+    a = weights(10, g)
+    f1, f2 = weights(12, g, a), weights(10, g, a)
+    paths = [save_model(tmp_path / n, sd, None) for n, sd in (("a", a), ("f1", f1), ("f2", f2))]
+    merged, _ = merge_state_dicts(paths[0], paths[1:], pad_to_multiple_of=8)
+    k = "model.embed_tokens.weight"
+    assert merged[k].shape == (16, H)
+    torch.testing.assert_close(merged[k][12:], a[k].mean(0).expand(4, H))
+    torch.testing.assert_close(merged[k][10:12], f1[k][10:12])

@@ -87,12 +87,12 @@ def _locate(sources: Sequence[Source], progress: bool = True
     for src in sources:
         ref = lora_reference(src)
         if ref is not None:
-            local.append(LoraReference(place(ref[0]), place(ref[1])))  # type: ignore[arg-type]
-            labels.append(src)  # type: ignore[arg-type]
-            continue
-        is_id = hub.is_hub_id(src)
-        local.append(hub.resolve(src, progress=progress) if is_id else src)  # type: ignore[arg-type]
-        labels.append(src if is_id else None)  # type: ignore[arg-type]
+            local.append(LoraReference(place(ref[0]), place(ref[1])))
+        elif hub.is_hub_id(src):
+            local.append(place(src))  # type: ignore[arg-type]
+        else:
+            local.append(src)
+        labels.append(src if ref is not None or hub.is_hub_id(src) else None)  # type: ignore[arg-type]
     return local, labels
 
 

@@ -283,11 +283,7 @@ def _by_index(rows: Sequence[int], labels: Sequence[str], source: str, named: in
     for i, r in enumerate(rows):
         k = min(r, out_rows)
         index[i, :k] = torch.arange(k)
-    extra = index[0] < 0
-    if any(not (index[1:, r] >= 0).any() for r in torch.nonzero(extra).flatten().tolist()):
-        out_rows_held = int((index[1:] >= 0).any(0).sum())
-        raise ModelStockError(f"pad_to_multiple_of gives {out_rows} rows but the inputs hold "
-                              f"only {out_rows_held}", labels[0])
+    extra = (index[0] < 0) & (index[1:] >= 0).any(0)  # rows no input has: padding
     return Alignment(out_rows, index, extra, [None] * out_rows, "index",
                      source if named is None else labels[named], anchor_rows=rows[0])
 
