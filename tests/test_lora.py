@@ -430,6 +430,17 @@ def test_bad_adapter_is_one_line_error_naming_file_and_module(tmp_path, kind):
     with pytest.raises(ModelStockError) as e:
         merge_lora(paths)
     one_line(e, str(paths[1]), *([module] if module else []))
+    # the same through the command line: one line on stderr, exit 1, nothing written
+    from click.testing import CliRunner
+
+    from modelstock.cli import main
+
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["merge", *map(str, paths), "-o", str(out), "-q"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert str(paths[1]) in lines[0] and (module is None or module in lines[0]), lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".merged*"))
 
 
 def test_mismatched_adapters_and_base_are_refused(tmp_path):
