@@ -153,6 +153,7 @@ class Alignment:
     added: list[dict] = field(default_factory=list)  # {token, id, models} for the report
     names: list[str] = field(default_factory=list)
     anchor_rows: int = 0
+    entries: dict[str, dict] = field(default_factory=dict)  # added token -> its declaration
 
     def stat_rows(self) -> tuple[tuple[int, int], ...]:
         """Row ranges of the anchor's tokens: where the Model Stock statistics come from."""
@@ -242,24 +243,26 @@ def plan_alignment(rows: Sequence[int], tokenizers: Sequence[Tokenizer | None],
     tokens: list[str | None] = [None] * out_rows
     for tok, i in out_vocab.items():
         tokens[i] = tok
-    index = torch.full((n, out_rows), -1, dtype=torch.long)
-    extra = torch.zeros(out_rows, dtype=torch.bool)
+    # Built as lists (a vocabulary has 10^5 tokens; element-wise tensor writes cost seconds).
+    index_rows = [[-1] * out_rows for _ in range(n)]
+    extra_rows = [False] * out_rows
     added: list[dict] = []
     for r, tok in enumerate(tokens):
         if tok is None:  # padding: the anchor's own row where it has one
             if r < rows[0]:
-                index[0, r] = r
+                index_rows[0][r] = r
             continue
         for i, t in enumerate(tokenizers):
-            if tok in t.vocab:
-                index[i, r] = t.vocab[tok]
-        if index[0, r] < 0:
-            extra[r] = True
-            holders = [labels[i] for i in range(1, n) if index[i, r] >= 0]
+            index_rows[i][r] = t.vocab.get(tok, -1)
+        if index_rows[0][r] < 0:
+            extra_rows[r] = True
+            holders = [labels[i] for i in range(1, n) if index_rows[i][r] >= 0]
             if not holders:
                 raise ModelStockError(f"token {tok!r} of the output vocabulary is in no "
                                       "fine-tune's tokenizer", labels[named or 0])
             added.append({"token": tok, "id": r, "models": holders})
+    index = torch.tensor(index_rows, dtype=torch.long)
+    extra = torch.tensor(extra_rows, dtype=torch.bool)
     ids_differ = any(t.vocab.get(tok, i) != i for t in tokenizers for tok, i in anchor.items())
     if not added and out_rows == rows[0] and not ids_differ and all(
             r == rows[0] for r in rows) and pad_to_multiple_of is None:
@@ -433,6 +436,7 @@ def align_vocab(anchor: Reader, models: Sequence[Reader], sources: Sequence[obje
             raise ModelStockError(f"has {r.infos[odd[0]].shape[0]} rows where its input "
                                   f"embedding has {f[0]}", r.path, odd[0])
     alignment.names = names
+    alignment.entries = {d["token"]: _entry(d["token"], tokenizers) for d in alignment.added}
     aligner = Aligner(readers, alignment, weights)
     views = [AlignedReader(r, aligner, i) for i, r in enumerate(readers)]
     notes = []
@@ -493,11 +497,10 @@ def _write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _add_tokens(out_dir: Path, alignment: Alignment, tokenizers: Sequence[Tokenizer | None],
-                specials: set[str]) -> None:
+def _add_tokens(out_dir: Path, alignment: Alignment, specials: set[str]) -> None:
     """Declare the union's extra tokens, with their output ids, in the tokenizer files copied
     from the anchor (``tokenizer.json``, ``tokenizer_config.json``, ``added_tokens.json``)."""
-    entries = [{"id": d["id"], **_entry(d["token"], tokenizers)} for d in alignment.added]
+    entries = [{"id": d["id"], **alignment.entries[d["token"]]} for d in alignment.added]
     fast = out_dir / "tokenizer.json"
     if fast.is_file():
         data = _json(fast)
@@ -558,9 +561,8 @@ def write_tokenizer_files(out_dir: Path, sources: Sequence[object], written: Seq
     if donor and dirs[donor] is not None:
         copy_tokenizer_files(dirs[donor], out_dir)
     if alignment is not None and alignment.by == "token" and alignment.added and not donor:
-        tokenizers = [read_tokenizer(d) if d is not None else None for d in dirs]
         specials = set().union(*(_specials(d) for d in dirs[1:]))
-        _add_tokens(out_dir, alignment, tokenizers, specials)
+        _add_tokens(out_dir, alignment, specials)
     config = out_dir / "config.json"
     if alignment is not None and config.is_file():
         data = _json(config)
