@@ -219,9 +219,6 @@ def _vocabulary(data: Mapping, base: str | None, source: str) -> dict:
         raise _fail(source, f"tokenizer.pad_to_multiple_of: expected a positive integer, got "
                             f"{pad!r}")
     template = data.get("chat_template")
-    if template is not None and not isinstance(template, str):
-        raise _fail(source, f"chat_template: expected auto, a template name or a Jinja "
-                            f"template, got {template!r}")
     if template is not None:
         try:
             check_chat_template(template)

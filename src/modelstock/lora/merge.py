@@ -256,8 +256,7 @@ def _same_module_twice(names: Sequence[str], ads: Sequence[LoraAdapter]) -> None
                                       "the adapters from the same class", holder.path)
 
 
-def _modules(ads: Sequence[LoraAdapter], base: Reader | None, warnings: list[str]
-             ) -> list[_Layer]:
+def _modules(ads: Sequence[LoraAdapter], base: Reader | None) -> list[_Layer]:
     """Check that the adapters' modules fit together (and the base, if given)."""
     layers = []
     if base is not None:
@@ -467,7 +466,7 @@ def _plan(ads, base, granularity, clamp, pool=None):
     names = {a.settings.base_model_name_or_path for a in ads} - {None}
     if len(names) > 1:
         warnings.append(f"the adapters name different base models: {sorted(names)}")
-    layers = _modules(ads, base, warnings)
+    layers = _modules(ads, base)
     fifo = [x.name for x in layers if any(m is not None and m.fan_in_fan_out for m in x.mods)]
     if fifo and base is None:
         # PEFT transposes Conv1D layers only; the files do not say which layers those are.
